@@ -1,0 +1,156 @@
+"""Command line: benchharness run | report | models | suites | prepare | fetch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from benchharness import __version__
+from benchharness.errors import HarnessError
+
+log = logging.getLogger("benchharness")
+
+DEFAULT_CATALOG = Path("configs/models.yaml")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _batch(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="benchharness", description="Reproducible benchmarks of open-weight language models (CN, US, EU).")
+    parser.add_argument("--version", action="version", version=f"benchharness {__version__}")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder for converted models and prepared data (default: $BENCHHARNESS_CACHE or ~/.cache/benchharness)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment config: scores, throughput, report")
+    run.add_argument("config", type=Path)
+    run.add_argument("--limit", type=int, help="items per task for every suite (a stratified subset)")
+    run.add_argument("--models", type=_csv, help="comma-separated catalog names, replacing the config's list")
+    run.add_argument("--suites", type=_csv, help="comma-separated suite names, replacing the config's list")
+    run.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--output", type=Path, help="folder for run folders (default: the config's output_dir)")
+    run.add_argument("--engine", choices=["hf", "benchharness"], help="inference engine")
+    run.add_argument("--batch-size", type=_batch, help="batch size or 'auto'")
+
+    report = sub.add_parser("report", help="write report.md (and more) for one or several run folders")
+    report.add_argument("runs", type=Path, nargs="+")
+    report.add_argument("--output", type=Path, help="folder for the merged report")
+
+    models = sub.add_parser("models", help="list the catalog with origin and availability here")
+    models.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+
+    sub.add_parser("suites", help="list the suites with item counts, sources, licenses and availability")
+
+    prepare = sub.add_parser("prepare", help="prepare suite data into the cache")
+    prepare.add_argument("suites", nargs="*", default=["all"])
+
+    fetch = sub.add_parser("fetch", help="resolve models into the cache (assemble, verify, convert)")
+    fetch.add_argument("models", nargs="+")
+    fetch.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from benchharness.data import default_cache_dir
+
+    cache_dir = args.cache or default_cache_dir()
+    try:
+        return COMMANDS[args.command](args, cache_dir)
+    except HarnessError as exc:
+        print(f"benchharness: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("benchharness: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.config import Overrides, load_experiment
+    from benchharness.runner import run_experiment
+
+    from benchharness.yamlfile import validate
+
+    given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size") if getattr(args, k) is not None}
+    overrides = validate(Path("command line"), given, Overrides, prefix="--")
+    experiment = load_experiment(args.config, overrides)
+    folder = run_experiment(experiment, cache_dir)
+    print(folder)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.report import build_report
+
+    for run in args.runs:
+        if not (run / "manifest.json").is_file():
+            raise HarnessError(f"{run}: not a run folder (no manifest.json). Fix: pass folders under results/.")
+    paths = build_report(list(args.runs), args.output)
+    print(paths)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.catalog import load_catalog
+    from benchharness.sources import availability
+
+    catalog = load_catalog(args.catalog)
+    print(f"{'name':36} {'origin':6} {'params':7} {'organisation':34} available here")
+    for entry in sorted(catalog.models.values(), key=lambda e: (e.origin, e.family, e.name)):
+        states = [availability(s, cache_dir) for s in entry.sources]
+        usable = next((s for s in states if s.available), None)
+        where = f"yes ({usable.detail})" if usable else f"no ({states[0].detail})"
+        print(f"{entry.name:36} {entry.origin:6} {entry.params:7} {entry.organisation[:34]:34} {where}")
+    return 0
+
+
+def cmd_suites(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.data import SUITES
+
+    print(f"{'suite':10} {'lm-eval task':12} {'items':>6}  {'license':8} available  source")
+    for suite in SUITES.values():
+        ok, detail = suite.availability()
+        print(f"{suite.name:10} {suite.task:12} {suite.items:6d}  {suite.license:8} {'yes' if ok else 'no':9}  {suite.source}" + ("" if ok else f"  [{detail}]"))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.data import SUITES, get_suite, prepare_suite, render_tasks
+
+    names = list(SUITES) if args.suites == ["all"] else args.suites
+    for name in names:
+        prepared = prepare_suite(get_suite(name), cache_dir / "data")
+        print(f"{prepared.name}: {prepared.n_items} items in {prepared.folder} (fingerprint {prepared.fingerprint[:16]})")
+    tasks = render_tasks(Path("configs/tasks"), cache_dir / "data", cache_dir / "tasks")
+    print(f"task YAMLs for lm-eval: {tasks}  (lm_eval --include_path {tasks} --tasks bh_mmlu ...)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.catalog import load_catalog
+    from benchharness.sources import resolve_model
+
+    catalog = load_catalog(args.catalog)
+    for name in args.models:
+        resolved = resolve_model(catalog.get(name), cache_dir)
+        print(f"{name}: {resolved.path} (sha256 {resolved.weights_sha256})")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "report": cmd_report,
+    "models": cmd_models,
+    "suites": cmd_suites,
+    "prepare": cmd_prepare,
+    "fetch": cmd_fetch,
+}

@@ -1,0 +1,161 @@
+"""The experiment schema: load a YAML file, validate it into typed specs, apply overrides, hash it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from benchharness.catalog import Catalog, ModelEntry, load_catalog, normalise_sources, resolve_local_paths
+from benchharness.errors import ConfigError
+from benchharness.yamlfile import read_yaml_mapping, validate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SuiteSpec(_Strict):
+    name: str
+    limit: int | None = Field(default=None, gt=0, description="items per task; a stratified, deterministic subset")
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+
+class InferenceSpec(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    max_batch_tokens: int | None = Field(default=None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in {"auto", "cpu", "cuda", "mps"} and not value.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+
+class ExperimentFile(_Strict):
+    """What an experiment YAML may contain. Paths are relative to the file's folder."""
+
+    name: str
+    description: str = ""
+    catalog: Path = Path("../models.yaml")
+    tasks_dir: Path = Path("../tasks")
+    models: list[str | dict[str, Any]] = Field(min_length=1)
+    suites: list[str | SuiteSpec] = Field(min_length=1)
+    engine: Literal["hf", "benchharness"] = "hf"
+    inference: InferenceSpec = InferenceSpec()
+    seed: int = 1234
+    output_dir: Path = Path("results")
+
+
+class Experiment(_Strict):
+    """A validated experiment with models resolved from the catalog: everything a run needs."""
+
+    name: str
+    description: str
+    source_file: Path
+    catalog: Path
+    tasks_dir: Path
+    models: list[ModelEntry]
+    suites: list[SuiteSpec]
+    engine: Literal["hf", "benchharness"]
+    inference: InferenceSpec
+    seed: int
+    output_dir: Path
+
+    def resolved(self) -> dict[str, Any]:
+        """The content that decides results (paths of this machine left out), for hashing and the manifest."""
+        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "output_dir", "description"})
+        return data
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+class Overrides(_Strict):
+    """Command-line overrides of the common keys; None leaves the file's value."""
+
+    limit: int | None = Field(default=None, gt=0)
+    models: list[str] | None = None
+    suites: list[str] | None = None
+    device: str | None = None
+    output: Path | None = None
+    engine: Literal["hf", "benchharness"] | None = None
+    batch_size: int | Literal["auto"] | None = None
+
+
+def load_experiment(path: Path, overrides: Overrides | None = None) -> Experiment:
+    path = Path(path)
+    raw = read_yaml_mapping(path, "experiment config")
+    spec = validate(path, raw, ExperimentFile)
+    base = path.parent
+    catalog_path = _relative_to(base, spec.catalog)
+    tasks_dir = _relative_to(base, spec.tasks_dir)
+    if not tasks_dir.is_dir():
+        raise ConfigError(f"{path}: tasks_dir: folder {tasks_dir} not found. Fix: point tasks_dir at the folder of task YAMLs (default ../tasks).")
+    catalog = load_catalog(catalog_path)
+    overrides = overrides or Overrides()
+
+    model_items: list[str | dict[str, Any]] = list(overrides.models) if overrides.models else list(spec.models)
+    models = [_model_entry(path, i, item, catalog) for i, item in enumerate(model_items)]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: models: a model is listed twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}). Fix: list each once.")
+
+    suites = [SuiteSpec(name=s) if isinstance(s, str) else s for s in spec.suites]
+    if overrides.suites:
+        by_name = {s.name: s for s in suites}
+        suites = [by_name.get(name, SuiteSpec(name=name)) for name in overrides.suites]
+    if overrides.limit is not None:
+        suites = [s.model_copy(update={"limit": overrides.limit}) for s in suites]
+
+    inference = spec.inference
+    if overrides.device is not None:
+        inference = validate(path, {**inference.model_dump(), "device": overrides.device}, InferenceSpec, prefix="--device ")
+    if overrides.batch_size is not None:
+        inference = inference.model_copy(update={"batch_size": overrides.batch_size})
+
+    output_dir = overrides.output if overrides.output is not None else spec.output_dir
+    return Experiment(
+        name=spec.name,
+        description=spec.description,
+        source_file=path,
+        catalog=catalog_path,
+        tasks_dir=tasks_dir,
+        models=models,
+        suites=suites,
+        engine=overrides.engine or spec.engine,
+        inference=inference,
+        seed=spec.seed,
+        output_dir=output_dir,
+    )
+
+
+def _model_entry(path: Path, index: int, item: str | dict[str, Any], catalog: Catalog) -> ModelEntry:
+    if isinstance(item, str):
+        try:
+            return catalog.get(item)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: models[{index}]: {exc}") from None
+    # An inline model: a full catalog entry written in the experiment itself.
+    return resolve_local_paths(
+        validate(path, normalise_sources(item), ModelEntry, prefix=f"models[{index}]."), path.parent
+    )
+
+
+def _relative_to(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p).resolve()

@@ -1,0 +1,67 @@
+"""Run folders: atomic writes, the manifest, the score/throughput tables and per-sample files.
+
+Every file is written to a temporary name and renamed into place, so a crash or Ctrl-C
+never leaves a half-written file that looks complete. The manifest's `status` says
+whether a run finished ("complete") or not ("running", "incomplete", "failed").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCORE_COLUMNS = ["model", "origin", "build", "suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
+THROUGHPUT_COLUMNS = [
+    "model", "origin", "task", "phase", "batch", "prompt_len", "new_tokens", "tokens", "seconds", "tokens_per_s",
+    "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_p25", "tokens_per_s_p75", "ttft_s",
+    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "peak_memory_mb", "achieved_flops",
+    "flops_efficiency", "bandwidth_efficiency", "reps",
+]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """One run folder: results/<run_id>/."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_table(self, name: str, rows: list[dict[str, Any]], columns: list[str]) -> Path:
+        frame = pd.DataFrame(rows, columns=columns)
+        path = self.folder / name
+        atomic_write_text(path, frame.to_csv(index=False))
+        return path
+
+    def write_samples(self, model: str, task: str, records: list[dict[str, Any]]) -> Path:
+        path = self.folder / "samples" / model / f"{task}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records))
+        return path
