@@ -128,7 +128,8 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
     if overrides.batch_size is not None:
         inference = inference.model_copy(update={"batch_size": overrides.batch_size})
 
-    output_dir = overrides.output if overrides.output is not None else spec.output_dir
+    # The file's paths are relative to the file; a command-line --output to the current folder.
+    output_dir = overrides.output if overrides.output is not None else _relative_to(base, spec.output_dir)
     return Experiment(
         name=spec.name,
         description=spec.description,

@@ -90,11 +90,15 @@ def run_experiment(experiment: Experiment, cache_dir: Path, run_id: str | None =
     score_rows: list[dict[str, Any]] = []
     speed_rows: list[dict[str, Any]] = []
     log.info("stage 3/3: evaluating -> %s", store.folder)
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's task folders takes seconds: do it once per run.
+    task_manager = TaskManager(include_path=str(tasks_dir))
     status = "failed"
     try:
         pairs = tqdm(total=len(experiment.models) * len(planned), desc="model x suite", unit="task", disable=None)
         for entry in experiment.models:
-            _evaluate_model(experiment, entry, resolved[entry.name], planned, tasks_dir, device, dtype, store, manifest, score_rows, speed_rows, pairs)
+            _evaluate_model(experiment, entry, resolved[entry.name], planned, task_manager, device, dtype, store, manifest, score_rows, speed_rows, pairs)
         pairs.close()
         status = "complete"
     except KeyboardInterrupt:
@@ -115,7 +119,7 @@ def _evaluate_model(
     entry: ModelEntry,
     resolved: ResolvedModel,
     planned: list[PlannedSuite],
-    tasks_dir: Path,
+    task_manager: Any,
     device: str,
     dtype: str,
     store: RunStore,
@@ -142,7 +146,7 @@ def _evaluate_model(
         log.info("%s: suite %s (limit %s, %s-shot)", entry.name, item.spec.name, item.spec.limit, item.spec.num_fewshot or 0)
         metered.reset()
         wall = time.perf_counter()
-        results = evaluate_task(metered, item.suite.task, tasks_dir, item.spec, experiment.seed)
+        results = evaluate_task(metered, item.suite.task, task_manager, item.spec, experiment.seed)
         wall = time.perf_counter() - wall
         for task_name, samples in results["samples"].items():
             records = [sample_record(s) for s in samples]
@@ -189,15 +193,13 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     return lm, {"engine": "benchharness", **lm.batch_info}
 
 
-def evaluate_task(lm: Any, task: str, tasks_dir: Path, spec: SuiteSpec, seed: int) -> dict[str, Any]:
+def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int) -> dict[str, Any]:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(tasks_dir))
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=[task],
-        task_manager=manager,
+        task_manager=task_manager,
         limit=spec.limit,
         num_fewshot=spec.num_fewshot,
         log_samples=True,

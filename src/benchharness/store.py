@@ -22,6 +22,8 @@ THROUGHPUT_COLUMNS = [
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "peak_memory_mb", "achieved_flops",
     "flops_efficiency", "bandwidth_efficiency", "reps",
 ]
+# Counts stay integers in the CSV even where some rows leave them empty.
+INTEGER_COLUMNS = {"n", "batch", "prompt_len", "new_tokens", "tokens", "reps"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -57,6 +59,8 @@ class RunStore:
 
     def write_table(self, name: str, rows: list[dict[str, Any]], columns: list[str]) -> Path:
         frame = pd.DataFrame(rows, columns=columns)
+        for column in INTEGER_COLUMNS.intersection(columns):
+            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
         path = self.folder / name
         atomic_write_text(path, frame.to_csv(index=False))
         return path

@@ -1,0 +1,113 @@
+"""End to end through the CLI on a tiny model built in-process: the run folder and its tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchharness.cli import main
+from conftest import read_jsonl, tiny_catalog, write_experiment
+
+BODY = """
+name: tiny
+models: [tiny-llama]
+suites:
+  - name: mmlu
+    limit: 6
+engine: hf
+inference: {dtype: float32, device: cpu, batch_size: 4}
+seed: 3
+output_dir: runs
+"""
+
+
+def _run(tmp_path: Path, body: str, catalog: str, *extra: str) -> tuple[int, Path]:
+    config = write_experiment(tmp_path / "cfg", body, catalog)
+    code = main(["--cache", str(tmp_path / "cache"), "run", str(config), *extra])
+    return code, tmp_path / "cfg" / "runs"
+
+
+def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -> None:
+    code, runs = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir))
+    assert code == 0
+    (run,) = list(runs.iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["completed"] == [["tiny-llama", "bh_mmlu"]]
+    assert manifest["tasks"]["bh_mmlu"]["n"] == 6 and len(manifest["tasks"]["bh_mmlu"]["data_fingerprint"]) == 64
+    assert manifest["models"]["tiny-llama"]["weights_sha256"]
+    assert run.name.endswith(manifest["config_hash"])
+
+    samples = read_jsonl(run / "samples" / "tiny-llama" / "bh_mmlu.jsonl")
+    assert [s["doc_id"] for s in samples] == list(range(6))
+    assert len({s["subject"] for s in samples}) == 6  # stratified: six different subjects
+    for s in samples:
+        assert len(s["loglikelihoods"]) == 4
+        assert s["correct"] == (s["pred"] == s["target"])
+
+    scores = pd.read_csv(run / "scores.csv")
+    acc = scores[(scores.metric == "acc")].iloc[0]
+    assert acc.origin == "EU" and acc.n == 6
+    assert acc.value == pytest.approx(sum(s["correct"] for s in samples) / 6)
+    assert acc.ci_low <= acc.value <= acc.ci_high
+
+    speed = pd.read_csv(run / "throughput.csv")
+    evals = speed[speed.phase == "eval"].iloc[0]
+    assert evals.tokens > 6 * 4 and evals.tokens_per_s > 0 and evals.batch == 4
+    assert (run / "report.md").is_file()
+
+
+def test_same_config_twice_gives_identical_samples(tmp_path: Path, tiny_model_dir: Path) -> None:
+    catalog = tiny_catalog(tiny_model_dir)
+    assert _run(tmp_path / "a", BODY, catalog)[0] == 0
+    assert _run(tmp_path / "b", BODY, catalog)[0] == 0
+    (a,) = list((tmp_path / "a" / "cfg" / "runs").iterdir())
+    (b,) = list((tmp_path / "b" / "cfg" / "runs").iterdir())
+    assert read_jsonl(a / "samples/tiny-llama/bh_mmlu.jsonl") == read_jsonl(b / "samples/tiny-llama/bh_mmlu.jsonl")
+    assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("body_change", "catalog_change", "expected"),
+    [
+        (("name: mmlu", "name: no_such_suite"), None, "unknown suite 'no_such_suite'"),
+        (("tiny-llama]", "missing-model]"), None, "unknown model 'missing-model'"),
+        (None, ("- local: ", "- gguf: /nonexistent/file.gguf\n            sha256: " + "b" * 64 + "\n          - local: /nonexistent"), "is not available on this machine"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], body_change, catalog_change, expected: str) -> None:
+    body = BODY.replace(*body_change) if body_change else BODY
+    catalog = tiny_catalog(tiny_model_dir)
+    if catalog_change:
+        catalog = catalog.replace(*catalog_change)
+    code, runs = _run(tmp_path, body, catalog)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchharness: error:") and expected in err
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_corrupted_gguf_is_refused_before_any_result(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    catalog = tiny_catalog(tiny_model_dir).replace(f"- local: {tiny_model_dir}", f"- gguf: {bad}\n            sha256: {'a' * 64}")
+    code, runs = _run(tmp_path, BODY, catalog)
+    assert code == 2 and "sha256 mismatch" in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_unwritable_output_folder(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    code, _ = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir), "--output", str(blocker / "runs"))
+    assert code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_bad_command_line_override(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, runs = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir), "--limit", "0")
+    assert code == 2 and "--limit" in capsys.readouterr().err
+    assert not runs.exists()
