@@ -1,0 +1,177 @@
+"""Batched decoding with a KV cache: greedy or seeded sampling, left padding,
+per-sequence stop strings and token limits; finished sequences leave the batch.
+
+The body is called with the same inputs `transformers.generate` builds (2D padding
+mask, positions from the mask's cumulative sum, a DynamicCache), so greedy outputs
+match lm-eval's `hf` model; the output layer runs on the last position only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from benchharness.engine.head import SplitModel
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How to pick tokens and when to stop; one setting for a whole batch."""
+
+    max_new_tokens: int
+    stop_strings: tuple[str, ...]
+    eos_token_ids: frozenset[int]
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class DecodeCounts:
+    """What one batch cost."""
+
+    prefill_tokens: int  # rows x padded prompt length
+    decode_steps: int
+    generated_tokens: int
+
+
+def _sequence_generator(settings: DecodeSettings, prompt: Sequence[int], device: torch.device) -> torch.Generator:
+    """A generator seeded by the run seed and the prompt, so sampling does not depend on batching."""
+    digest = hashlib.sha256(repr((settings.seed, tuple(prompt))).encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator
+
+
+def _apply_repetition_penalty(
+    logits: torch.Tensor, histories: list[list[int]], penalty: float
+) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: divide positive, multiply negative scores of seen tokens."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for b, history in enumerate(histories):
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
+        score = logits[b, seen]
+        logits[b, seen] = torch.where(score < 0, score * penalty, score / penalty)
+    return logits
+
+
+def _sample(logits: torch.Tensor, settings: DecodeSettings, generators: list[torch.Generator]) -> torch.Tensor:
+    """Temperature, top-k and top-p filtering as transformers applies them, then one draw per row."""
+    scores = logits.float() / max(settings.temperature, 1e-6)
+    if settings.top_k is not None and 0 < settings.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, settings.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if settings.top_p is not None and settings.top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - settings.top_p)
+        remove_sorted[:, -1] = False  # keep at least the most likely token
+        remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    draws = [torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])]
+    return torch.cat(draws)
+
+
+@torch.no_grad()
+def generate_batch(
+    split: SplitModel,
+    prompts: Sequence[Sequence[int]],
+    settings: DecodeSettings,
+    pad_token_id: int,
+    decode: Callable[[list[int]], str],
+) -> tuple[list[list[int]], DecodeCounts]:
+    """Generate for a batch of tokenized prompts; return the new tokens per prompt (EOS excluded).
+
+    A sequence stops at an EOS id, when its decoded text contains a stop string,
+    or after `max_new_tokens`; it then leaves the batch (its cache rows are dropped).
+    """
+    device = split.device
+    batch = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[b, width - len(prompt) :] = 1
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    # As transformers.generate: positions count real tokens; padding gets position 0... then 1 (masked anyway).
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+    generators = [_sequence_generator(settings, p, device) for p in prompts] if settings.do_sample else []
+    histories = [list(p) for p in prompts] if settings.repetition_penalty != 1.0 else []
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(batch))  # original indices of the rows still in the batch
+    cache = DynamicCache(config=split.config)
+    steps = 0
+
+    hidden = split.body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]
+    last_position = position_ids[:, -1]
+
+    while True:
+        logits = split.logits(hidden).float()
+        if settings.repetition_penalty != 1.0:
+            logits = _apply_repetition_penalty(logits, [histories[i] for i in active], settings.repetition_penalty)
+        if settings.do_sample:
+            next_tokens = _sample(logits, settings, [generators[i] for i in active])
+        else:
+            next_tokens = logits.argmax(dim=-1)
+        steps += 1
+
+        keep: list[int] = []
+        for row, token in enumerate(next_tokens.tolist()):
+            original = active[row]
+            if token in settings.eos_token_ids:
+                continue  # EOS: finished, and (as with skip_special_tokens) not part of the text
+            outputs[original].append(token)
+            if histories:
+                histories[original].append(token)
+            if len(outputs[original]) >= settings.max_new_tokens:
+                continue
+            if settings.stop_strings:
+                text = decode(outputs[original])
+                if any(stop in text for stop in settings.stop_strings):
+                    continue
+            keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            attention_mask = attention_mask.index_select(0, index)
+            last_position = last_position.index_select(0, index)
+            next_tokens = next_tokens.index_select(0, index)
+            active = [active[row] for row in keep]
+
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+        last_position = last_position + 1
+        hidden = split.body(
+            input_ids=next_tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=last_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+
+    counts = DecodeCounts(
+        prefill_tokens=batch * width,
+        decode_steps=steps,
+        generated_tokens=sum(len(o) for o in outputs),
+    )
+    return outputs, counts

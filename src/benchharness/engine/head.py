@@ -1,0 +1,99 @@
+"""The model split in two: the body (embeddings + decoder layers + final norm) and
+the output layer, so the engine can run the output layer on the scored rows only.
+
+The split is checked once against the model's own forward on a short probe: if an
+architecture post-processes its logits in a way this module does not reproduce,
+the engine refuses it with a clear message instead of returning wrong scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be run by the benchharness engine; use `engine: hf` for it."""
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A causal LM as body + output layer, with the logits post-processing it needs."""
+
+    model: torch.nn.Module
+    body: torch.nn.Module
+    output_layer: torch.nn.Module
+    final_logit_softcapping: float | None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self):  # transformers.PretrainedConfig; untyped to avoid importing it here
+        return self.model.config
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for hidden states of any leading shape, as the model's forward computes them."""
+        logits = self.output_layer(hidden)
+        if self.final_logit_softcapping is not None:
+            # Gemma 2/3 style: logits = cap * tanh(logits / cap), exactly as in their forward.
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-softmax over the vocabulary, computed in fp32 whatever the model's dtype."""
+        return torch.log_softmax(self.logits(hidden).float(), dim=-1)
+
+
+def split_model(model: torch.nn.Module, check: bool = True) -> SplitModel:
+    """Split a transformers causal LM, and (by default) check the split reproduces its logits."""
+    body = getattr(model, "base_model", None)
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or output_layer is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no separate body and output layer (lm_head); "
+            "the benchharness engine supports decoder-only causal LMs. Use `engine: hf` for this model."
+        )
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    split = SplitModel(
+        model=model,
+        body=body,
+        output_layer=output_layer,
+        final_logit_softcapping=float(softcap) if softcap else None,
+    )
+    if check:
+        _check_split(split)
+    return split
+
+
+@torch.no_grad()
+def _check_split(split: SplitModel) -> None:
+    """Compare body+output layer with the model's forward on a short fixed input."""
+    vocab = int(split.output_layer.weight.shape[0])
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, vocab, (1, 8), generator=generator).to(split.device)
+    reference = split.model(input_ids=probe).logits.float()
+    hidden = split.body(input_ids=probe).last_hidden_state
+    ours = split.logits(hidden).float()
+    if reference.shape != ours.shape:
+        raise UnsupportedModelError(
+            f"{type(split.model).__name__}: logits shape {tuple(reference.shape)} from the model, "
+            f"{tuple(ours.shape)} from body + output layer. Use `engine: hf` for this model."
+        )
+    # Tolerance relative to the logits' scale: fp32 agrees to ~1e-5, bf16 to ~1e-2 of the scale.
+    scale = float(reference.abs().max().clamp_min(1.0))
+    tolerance = 1e-4 if split.dtype == torch.float32 else 3e-2
+    diff = float((reference - ours).abs().max())
+    if diff > tolerance * scale:
+        raise UnsupportedModelError(
+            f"{type(split.model).__name__}: body + output layer differ from the model's logits by {diff:.3g} "
+            "(the architecture post-processes logits in a way the engine does not reproduce). "
+            "Use `engine: hf` for this model."
+        )

@@ -1,0 +1,426 @@
+"""`BenchEngineLM`: the engine as an lm-eval model (registered as "benchharness").
+
+Tokenization follows lm-eval's HFLM exactly (its `tok_encode`, `_encode_pair` via
+TemplateLM, empty-context prefix token, left truncation, generation encoding and
+post-processing), so every lm-eval task gives the same requests and the same
+scores as `--model hf`; only the computation differs (see batching, scoring,
+generation, autobatch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import transformers
+from lm_eval import utils as lm_utils
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    configure_pad_token,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
+from tqdm import tqdm
+
+from benchharness.engine.autobatch import BudgetChoice, find_token_budget
+from benchharness.engine.batching import PackedRow, TokenRequest, pack_rows, plan_batches
+from benchharness.engine.generation import DecodeSettings, generate_batch
+from benchharness.engine.head import SplitModel, split_model
+from benchharness.engine.scoring import score_rows
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_GEN_TOKS = 256
+_DEFAULT_MAX_ROWS = 64
+
+
+@dataclass
+class EngineStats:
+    """Work done since construction (or the last `reset_stats`), for efficiency figures."""
+
+    score_requests: int = 0
+    score_forwards: int = 0
+    score_rows: int = 0
+    score_padded_tokens: int = 0  # tokens the body computed, padding included
+    score_row_tokens: int = 0  # tokens in the packed rows
+    score_output_rows: int = 0  # rows through the output layer
+    generate_requests: int = 0
+    generate_batches: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+
+
+@register_model("benchharness")
+class BenchEngineLM(TemplateLM):
+    """lm-eval model over an already loaded transformers causal LM and its tokenizer."""
+
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        batch_size: int | str = "auto",
+        max_batch_tokens: int | None = None,
+        device: str = "cpu",
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = _DEFAULT_MAX_GEN_TOKS,
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
+        seed: int = 1234,
+        check_model: bool = True,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if unused:
+            logger.warning("benchharness engine: ignoring arguments %s", sorted(unused))
+        self._device = torch.device(device)
+        model_device = next(model.parameters()).device
+        if model_device.type != self._device.type:
+            raise ValueError(
+                f"the model is on {model_device} but the engine was asked for device={device!r}; "
+                "load the model onto that device first (or pass the device it is on)."
+            )
+        model.eval()
+        self._model = model
+        self._split: SplitModel = split_model(model, check=check_model)
+        self.tokenizer = configure_pad_token(tokenizer, model_config=model.config)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._max_length = max_length
+        self._max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+
+        self._auto = str(batch_size).startswith("auto")
+        self._max_rows: int | None = (
+            int(max_batch_size) if max_batch_size else (_DEFAULT_MAX_ROWS if self._auto else None)
+        )
+        if not self._auto:
+            self._max_rows = int(batch_size)
+            if self._max_rows < 1:
+                raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
+        self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens else None
+        self._budget: BudgetChoice | None = None
+        if self._max_batch_tokens is not None:
+            self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
+        self._oom_splits = 0
+        self.stats = EngineStats()
+        # lm-eval's evaluator reads `batch_sizes` for its results config.
+        self.batch_sizes: dict[int, int] = {}
+
+    # ------------------------------------------------------------ construction from lm-eval's CLI
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> BenchEngineLM:
+        """`lm_eval --model benchharness --model_args pretrained=PATH,dtype=float32,device=cpu,batch_size=auto`."""
+        args = lm_utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls.from_pretrained(**(args | extra))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> BenchEngineLM:
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls.from_pretrained(**(dict(arg_dict) | extra))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+        tokenizer: str | None = None,
+        **kwargs: Any,
+    ) -> BenchEngineLM:
+        """Load a local transformers folder (or hub id) and wrap it."""
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=torch_dtype, attn_implementation=attn_implementation
+        ).to(device)
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or pretrained)
+        return cls(model=model, tokenizer=tok, device=device, **kwargs)
+
+    # ------------------------------------------------------------ properties lm-eval and the harness use
+    @property
+    def model(self) -> transformers.PreTrainedModel:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # As HFLM: custom > BOS > EOS; used as the context of empty-context requests.
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length:
+            return self._max_length
+        return resolve_max_length(self._model.config, self.tokenizer)
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    @property
+    def batch_info(self) -> dict:
+        """What batch size / token budget is used and how it was chosen (for the run manifest)."""
+        return {
+            "engine": "benchharness",
+            "batch_size": "auto" if self._auto else self._max_rows,
+            "max_rows": self._max_rows,
+            "token_budget": self._budget.token_budget if self._budget else None,
+            "budget_method": self._budget.method if self._budget else ("none" if not self._auto else "not-yet-probed"),
+            "budget_probes": list(self._budget.probes) if self._budget else [],
+            "oom_splits": self._oom_splits,
+            "device": str(self._device),
+            "dtype": str(self._split.dtype).replace("torch.", ""),
+            "attn_implementation": getattr(self._model.config, "_attn_implementation", None),
+        }
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    def get_model_info(self) -> dict:
+        return {
+            "model_num_parameters": sum(p.numel() for p in self._model.parameters()),
+            "model_dtype": str(self._split.dtype),
+            "engine_batch_info": self.batch_info,
+        }
+
+    # ------------------------------------------------------------ tokenization (HFLM semantics)
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
+    ) -> list[int]:
+        """HFLM.tok_encode: tokenizer default or add_bos_token, no special tokens if the text starts with BOS."""
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        encoding = self.tokenizer.encode(string, **special)
+        if left_truncate_len:
+            encoding = encoding[-left_truncate_len:]
+        return encoding
+
+    def _encode_prompt(self, string: str, left_truncate_len: int) -> list[int]:
+        """HFLM.tok_batch_encode for one string (its add_special_tokens rule, left truncation)."""
+        special: dict[str, bool] = {}
+        if has_bos_prefix(string, getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        ids = self.tokenizer(string, **special)["input_ids"]
+        if left_truncate_len and len(ids) > left_truncate_len:
+            logger.warning("left truncation of a prompt from %d to %d tokens", len(ids), left_truncate_len)
+            ids = ids[-left_truncate_len:]
+        return ids
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    # ------------------------------------------------------------ batch budget
+    def _token_budget(self) -> int | None:
+        if self._budget is None and self._auto:
+            self._budget = find_token_budget(self._split, self.max_length)
+            logger.info("benchharness engine: token budget %d (%s)", self._budget.token_budget, self._budget.method)
+            self.batch_sizes[0] = self._budget.token_budget
+        return self._budget.token_budget if self._budget else None
+
+    # ------------------------------------------------------------ loglikelihood
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> list[tuple[float, bool]]:
+        token_requests = [
+            TokenRequest(index=i, context=tuple(context), continuation=tuple(continuation))
+            for i, (_, context, continuation) in enumerate(requests)
+        ]
+        results = self.score_token_requests(token_requests, disable_tqdm=disable_tqdm)
+        answers = [results[i] for i in range(len(requests))]
+        for (request_str, _, _), answer in zip(requests, answers, strict=True):
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return answers
+
+    def score_token_requests(
+        self, requests: Sequence[TokenRequest], disable_tqdm: bool = True
+    ) -> dict[int, tuple[float, bool]]:
+        """Score tokenized requests: {request index: (sum of log-probs, is greedy)}."""
+        if not requests:
+            return {}
+        budget = self._token_budget()
+        rows = pack_rows(requests, self.max_length, max_row_tokens=budget)
+        batches = plan_batches(rows, token_budget=budget, max_rows=None if self._auto else self._max_rows)
+        results: dict[int, tuple[float, bool]] = {}
+        for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):
+            self._score_with_backoff([rows[i] for i in batch], results)
+        self.stats.score_requests += len(requests)
+        return results
+
+    def _score_with_backoff(self, rows: list[PackedRow], results: dict[int, tuple[float, bool]]) -> None:
+        """Score a batch; on GPU out-of-memory, split it in two and try again."""
+        try:
+            batch_results, counts = score_rows(self._split, rows, self.tokenizer.pad_token_id or 0)
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            self._oom_splits += 1
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(rows) // 2
+            self._score_with_backoff(rows[:half], results)
+            self._score_with_backoff(rows[half:], results)
+            return
+        results.update(batch_results)
+        self.stats.score_forwards += 1
+        self.stats.score_rows += counts.rows
+        self.stats.score_padded_tokens += counts.padded_tokens
+        self.stats.score_row_tokens += counts.row_tokens
+        self.stats.score_output_rows += counts.scored_nodes
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Perplexity: HFLM's disjoint rolling windows, all scored in one packed pass."""
+        token_requests: list[TokenRequest] = []
+        owner: list[int] = []
+        for request_index, (string,) in enumerate(req.args for req in requests):
+            windows = map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
+            for context, continuation in windows:
+                token_requests.append(
+                    TokenRequest(index=len(token_requests), context=tuple(context), continuation=tuple(continuation))
+                )
+                owner.append(request_index)
+        results = self.score_token_requests(token_requests, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for window_index, request_index in enumerate(owner):
+            totals[request_index] += results[window_index][0]
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------ generation
+    def _eos_token_ids(self) -> frozenset[int]:
+        """The ids transformers.generate stops on: the generation config's, else the tokenizer's."""
+        config = getattr(self._model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None) if config is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return frozenset()
+        return frozenset([eos] if isinstance(eos, int) else eos)
+
+    def _decode_settings(self, gen_kwargs: dict) -> tuple[DecodeSettings, list[str]]:
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_new = int(kwargs.pop("max_gen_toks"))
+        config = getattr(self._model, "generation_config", None)
+        # As transformers.generate merges the model's generation config under lm-eval's kwargs.
+        top_k = kwargs.get("top_k", getattr(config, "top_k", None))
+        top_p = kwargs.get("top_p", getattr(config, "top_p", None))
+        penalty = kwargs.get("repetition_penalty", getattr(config, "repetition_penalty", None)) or 1.0
+        settings = DecodeSettings(
+            max_new_tokens=max_new,
+            stop_strings=tuple(s for s in until if s),
+            eos_token_ids=self._eos_token_ids(),
+            do_sample=bool(kwargs.get("do_sample", False)),
+            temperature=float(kwargs.get("temperature", 1.0) or 1.0),
+            top_k=int(top_k) if top_k else None,
+            top_p=float(top_p) if top_p is not None else None,
+            repetition_penalty=float(penalty),
+            seed=int(kwargs.get("seed", self.seed)),
+        )
+        return settings, until
+
+    def _generation_rows(self, width: int, max_new: int) -> int:
+        """Rows per decoding batch: the row cap; on CUDA also the token budget over the sequence length."""
+        rows = self._max_rows or _DEFAULT_MAX_ROWS
+        if self._device.type == "cuda":
+            budget = self._token_budget()
+            if budget is not None:
+                rows = min(rows, max(1, budget // (width + max_new)))
+        return rows
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        outputs: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for index, req in enumerate(requests):
+            key = json.dumps(req.args[1], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(index)
+
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="benchharness generate_until")
+        for indices in groups.values():
+            settings, until = self._decode_settings(requests[indices[0]].args[1])
+            max_ctx_len = self.max_length - settings.max_new_tokens
+            if max_ctx_len <= 0:
+                raise ValueError(
+                    f"max_gen_toks={settings.max_new_tokens} leaves no room for a prompt "
+                    f"within the model's maximum length {self.max_length}"
+                )
+            prompts = {i: self._encode_prompt(requests[i].args[0], max_ctx_len) for i in indices}
+            order = sorted(indices, key=lambda i: -len(prompts[i]))  # longest first, little left padding
+            start = 0
+            while start < len(order):
+                rows = self._generation_rows(len(prompts[order[start]]), settings.max_new_tokens)
+                chunk = order[start : start + rows]
+                start += len(chunk)
+                tokens, counts = generate_batch(
+                    self._split,
+                    [prompts[i] for i in chunk],
+                    settings,
+                    pad_token_id=self.tokenizer.pad_token_id or 0,
+                    decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+                )
+                self.stats.generate_batches += 1
+                self.stats.prefill_tokens += counts.prefill_tokens
+                self.stats.decode_steps += counts.decode_steps
+                self.stats.generated_tokens += counts.generated_tokens
+                for i, new_tokens in zip(chunk, tokens, strict=True):
+                    text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+                    text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                    outputs[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    pbar.update(1)
+        pbar.close()
+        self.stats.generate_requests += len(requests)
+        return [o if o is not None else "" for o in outputs]
+
+
+def stats_as_dict(stats: EngineStats) -> dict[str, int]:
+    return asdict(stats)

@@ -1,0 +1,178 @@
+"""Tiny real models and tokenizers, built in-process, for the engine tests (no test here).
+
+Models come from real transformers configs (Llama, Qwen2, Gemma 3 with sliding-window
+layers and final-logit softcapping) with a fixed seed; the tokenizer is a byte-level
+BPE trained on a small corpus, in a plain variant and one that adds BOS like Gemma's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+_WORDS = (
+    "the a an of to in is was for on that with as by at from it this be are or which not have has "
+    "number question answer true false value sum product prime group field ring order element "
+    "paris london berlin rome madrid river mountain sea city country capital water fire earth air "
+    "cat dog bird fish tree house car road book school teacher student apple bread milk cheese "
+    "one two three four five six seven eight nine ten hundred thousand plus minus times equals "
+    "john mary sells buys eggs dollars each day how many much total left more less than"
+).split()
+
+
+def _corpus(n_lines: int = 400) -> list[str]:
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        numbers = [str(rng.randint(0, 999)) for _ in range(rng.randint(0, 2))]
+        line = " ".join(words + numbers)
+        lines.append(line.capitalize() + rng.choice([".", "?", "!", ":"]))
+    lines += ["Question: what is it?\nA. one\nB. two\nC. three\nD. four\nAnswer: A B C D"] * 20
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(add_bos: bool = False, vocab_size: int = 400) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer; with `add_bos` it prepends <bos> like Gemma's tokenizer."""
+    tok = Tokenizer.from_str(_tokenizer_json(vocab_size))
+    if add_bos:
+        bos_id = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512) -> transformers.PreTrainedModel:
+    """A 2-layer model of the given architecture, fp32 on CPU, SDPA attention, seeded weights.
+
+    A large init range makes the next-token distributions peaked, so greedy choices
+    are clear-cut and parity checks compare real decisions, not float ties.
+    """
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        initializer_range=0.2,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        config = transformers.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **common)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **common)
+    elif arch == "gemma3":
+        # Sliding window much shorter than the test prompts, softcapped logits: both must be reproduced.
+        config = transformers.Gemma3TextConfig(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=16,
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.generation_config = transformers.GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return model.eval()
+
+
+def mmlu_docs(n: int = 6, seed: int = 0) -> list[dict]:
+    """MMLU-shaped documents (question, four choices, answer letter)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        question = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 20))).capitalize() + "?"
+        choices = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4))) for _ in range(4)]
+        docs.append({"question": question, "choices": choices, "answer": rng.randint(0, 3)})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def mmlu_task(data_file: Path, name: str = "engine_mmlu_letters") -> dict:
+    """lm-eval's stock MMLU prompt: single-token answers ' A'..' D'."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+        "doc_to_choice": ["A", "B", "C", "D"],
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+
+
+def text_choice_task(data_file: Path, name: str = "engine_mc_text") -> dict:
+    """Multiple choice scored on the answer text: multi-token continuations."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question.strip()}}\nAnswer:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "answer",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+
+
+def generation_task(data_file: Path, name: str = "engine_gen", max_gen_toks: int = 24) -> dict:
+    """GSM8K-style generation: greedy until a stop string or the token limit."""
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{choices[answer]}}",
+        "generation_kwargs": {"until": ["Question:", "\n\n", "?"], "do_sample": False, "max_gen_toks": max_gen_toks},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    }
