@@ -588,11 +588,21 @@ def table_main(data: ReportData) -> pd.DataFrame:
     return frame
 
 
+def latest_per_model(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, suite): from the newest complete run, else the newest run (flagged incomplete).
+
+    A model measured in several runs must count once in origin means, not once per run.
+    """
+    ordered = summary.assign(_complete=summary["run_status"] == "complete").sort_values(["_complete", "run_id"])
+    return ordered.drop_duplicates(["model", "suite"], keep="last").drop(columns="_complete")
+
+
 def table_origin(data: ReportData) -> pd.DataFrame:
-    """Per suite and origin: number of models, mean and best score (complete runs only, flagged if not)."""
+    """Per suite and origin: number of models, mean and best score, each model counted once."""
     rows = []
+    per_model = latest_per_model(data.summary)
     for suite in data.suites:
-        sel = data.summary[data.summary["suite"] == suite]
+        sel = per_model[per_model["suite"] == suite]
         pct = _is_fraction(sel["value"])
         origins = sorted(sel["origin"].fillna("").unique(), key=lambda o: (_origin_key(o), o))
         for origin in origins:
@@ -747,7 +757,8 @@ def _sections(data: ReportData) -> list[Section]:
         "over the evaluation itself, prefill/decode from the fixed-shape probe. `build` says which weights produced "
         "the score (quantization, variant).",
         [("", table_main(data))]))
-    sections.append(Section("Origin summary", "Per suite and origin: number of models, mean and best score.",
+    sections.append(Section("Origin summary", "Per suite and origin: number of models, mean and best score. A model "
+                            "measured in several runs counts once, from its newest complete run.",
                             [("", table_origin(data))]))
     sections.append(Section(
         "Ranking per suite",
