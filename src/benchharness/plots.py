@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: never try to open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 ORIGIN_ORDER = ["CN", "US", "EU"]
 ORIGIN_COLORS = {"CN": "#d62728", "US": "#1f77b4", "EU": "#2ca02c"}
@@ -45,7 +46,15 @@ def _errors(rows: pd.DataFrame) -> np.ndarray | None:
 
 
 def plot_suite_bars(summary: pd.DataFrame, suite: str, path: Path) -> Path:
-    """Bars of one suite's scores, grouped by origin (CN, US, EU, others), with 95% CI whiskers.
+    """Bars of one suite's scores, grouped by origin (CN, US, EU, others), with 95% CI whiskers."""
+    fig = suite_bars_figure(summary, suite)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def suite_bars_figure(summary: pd.DataFrame, suite: str) -> Figure:
+    """The figure behind plot_suite_bars; its first axes holds one bar per entry, left to right.
 
     Entries from incomplete runs are hatched so they are never read as final numbers.
     """
@@ -85,13 +94,21 @@ def plot_suite_bars(summary: pd.DataFrame, suite: str, path: Path) -> Path:
         ax.legend(handles, labels, fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_score_vs_throughput(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Score against evaluation throughput, one panel per suite; None when no entry has a speed."""
+    fig = score_vs_throughput_figure(summary)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
-def plot_score_vs_throughput(summary: pd.DataFrame, path: Path) -> Path | None:
-    """Score against evaluation throughput, one panel per suite; None when no entry has a speed."""
+def score_vs_throughput_figure(summary: pd.DataFrame) -> Figure | None:
+    """The figure behind plot_score_vs_throughput: one axes per suite (sorted by name)."""
     if "eval_tokens_per_s" not in summary or summary["eval_tokens_per_s"].notna().sum() == 0:
         return None
     suites = sorted(summary["suite"].unique())
@@ -119,9 +136,7 @@ def plot_score_vs_throughput(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.set_visible(False)
     fig.suptitle("Score against throughput (same run)")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
