@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from benchharness.errors import HarnessError
-from benchharness.report import build_report, collect, load_run, write_run_report
+from benchharness.report import build_report, collect, load_run, load_samples, write_run_report
 from benchharness.stats import bootstrap_ci, mcnemar_exact, mean_stderr
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -207,7 +207,7 @@ def test_incomplete_run_is_shown_as_incomplete(tmp_path: Path) -> None:
     html_text = paths.html.read_text()
     banner = f"Run {RUN_B} is INCOMPLETE"
     assert md.index(banner) < md.index("## Runs")  # at the top, before any table
-    assert "missing 1 (model, task) pairs: smol-mini/arc" in md
+    assert "missing 1 (model, suite/task) pairs: smol-mini/arc" in md
     assert 'class="banner incomplete"' in html_text and banner in html_text
     # every table row that shows smol-mini says it is from an incomplete run
     for line in md.splitlines():
@@ -317,3 +317,44 @@ def test_report_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     two = build_report([run], tmp_path / "two", seed=3)
     assert one.summary.read_text() == two.summary.read_text()
     assert one.markdown.read_text() == two.markdown.read_text()
+
+
+def test_missing_suites_named_from_the_config(tmp_path: Path) -> None:
+    run = make_run(tmp_path, RUN_A, ["qwen-mini", "gemma-mini"], status="running",
+                   skip={("gemma-mini", "mmlu_law"), ("gemma-mini", "arc")})
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"] = {"suites": [{"name": "mmlu"}, {"name": "arc"}, {"name": "gsm8k"}]}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert load_run(run).missing_pairs() == [
+        ("qwen-mini", "gsm8k"), ("gemma-mini", "mmlu_law"), ("gemma-mini", "arc"), ("gemma-mini", "gsm8k")]
+
+
+def test_group_score_computed_when_only_subtask_rows(tmp_path: Path) -> None:
+    # The runner may write only the subtasks of a group suite: the report adds the group row.
+    run = make_run(tmp_path, RUN_A, ["qwen-mini", "gemma-mini"])
+    scores = pd.read_csv(run / "scores.csv")
+    scores = scores[scores["task"] != "mmlu"]
+    scores.to_csv(run / "scores.csv", index=False)
+    data = collect([run], seed=1)
+    row = data.summary.query("model == 'qwen-mini' and suite == 'mmlu'").iloc[0]
+    pooled = np.asarray(correctness("qwen-mini", "mmlu_law") + correctness("qwen-mini", "mmlu_math"), float)
+    assert row["value"] == pytest.approx(pooled.mean())
+    assert row["n"] == 80
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(bootstrap_ci(pooled, seed=1))
+    assert bool(data.scores.query("model == 'qwen-mini' and task == 'mmlu'")["group_computed"].iloc[0])
+    assert "mmlu (acc, %)" in _main_table_header(write_run_report(run).read_text())
+
+
+def test_samples_with_null_verdicts_and_repeated_items(tmp_path: Path) -> None:
+    run = make_run(tmp_path, RUN_A, ["qwen-mini"])
+    path = run / "samples" / "qwen-mini" / "arc.jsonl"
+    lines = path.read_text().splitlines()
+    extra = [json.dumps({"doc_id": 0, "prompt_hash": "x", "target": 0, "pred": 1, "correct": None}),
+             json.dumps({"doc_id": 999, "prompt_hash": "y", "target": 0, "pred": 1, "correct": None}),
+             # the same item logged again (another filter): the first record stands
+             json.dumps({"doc_id": 1, "prompt_hash": "z", "target": 0, "pred": 0,
+                         "correct": not correctness("qwen-mini", "arc")[1]})]
+    path.write_text("\n".join(lines + extra) + "\n")
+    samples = load_samples(load_run(run), "qwen-mini", "arc")
+    assert samples is not None and len(samples) == 40
+    assert samples["correct"].mean() == pytest.approx(np.mean(correctness("qwen-mini", "arc")))

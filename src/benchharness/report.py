@@ -64,10 +64,24 @@ class Run:
         return self.status == "complete"
 
     def missing_pairs(self) -> list[tuple[str, str]]:
-        """(model, task) pairs the run planned but did not complete."""
+        """(model, suite or task) pairs the run planned but did not complete.
+
+        A suite no model has started yet has no tasks in the manifest, so it is named as a
+        whole; a suite that was started names the tasks this model still lacks.
+        """
         done = {(str(m), str(t)) for m, t in self.manifest.get("completed", [])}
-        planned = [(m, t) for m in self.manifest.get("models", {}) for t in self.manifest.get("tasks", {})]
-        return [p for p in planned if p not in done]
+        suite_of = {str(t): str((info or {}).get("suite") or t) for t, info in (self.manifest.get("tasks") or {}).items()}
+        planned = [s.get("name") if isinstance(s, dict) else s for s in (self.manifest.get("config") or {}).get("suites", [])]
+        suites = [str(s) for s in planned if s] or sorted(set(suite_of.values()))
+        out: list[tuple[str, str]] = []
+        for model in self.manifest.get("models") or {}:
+            for suite in suites:
+                tasks = [t for t, su in suite_of.items() if su == suite]
+                if not any((model, t) in done for t in tasks):
+                    out.append((model, suite))
+                else:
+                    out += [(model, t) for t in tasks if (model, t) not in done]
+        return out
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -126,7 +140,12 @@ def load_samples(run: Run, model: str, task: str) -> pd.DataFrame | None:
     for col in ["subject", "prompt_hash", "target", "pred"]:
         if col not in frame.columns:
             frame[col] = None
-    frame["correct"] = frame["correct"].astype(float)
+    # Items without a right/wrong verdict cannot enter a mean or a paired test. A task with
+    # several filters may log an item once per filter: the first record stands for it.
+    frame = frame[frame["correct"].notna()].drop_duplicates("doc_id", keep="first").copy()
+    if frame.empty:
+        return None
+    frame["correct"] = frame["correct"].astype(bool).astype(float)
     return frame
 
 
@@ -275,6 +294,7 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
     scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     scores = scores[scores["model"].notna() & scores["suite"].notna()].copy()
     scores["task"] = scores["task"].fillna(scores["suite"])
+    scores = _add_group_rows(scores)
     scores.insert(2, "entry", [key.get((r, m), m) for r, m in zip(scores["run_id"], scores["model"])])
     # The manifest's origin/build are the reference; fill gaps in the csv from them.
     meta = entries.set_index("entry")
@@ -321,6 +341,34 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
         if (run.folder / "scores.csv").is_file() is False:
             notes.append(f"run {run.run_id} has no scores.csv")
     return ReportData(runs, entries, scores, summary, suites, primary, pairs, speed, probe, regression, flips, seed, notes)
+
+
+def _add_group_rows(scores: pd.DataFrame) -> pd.DataFrame:
+    """Add a suite-level row (task == suite) where a suite has only subtask rows.
+
+    The group score is the item-weighted mean of the subtasks, as lm-eval aggregates MMLU
+    (weight_by_size), so it equals the accuracy over the pooled items. Rows made here are
+    marked in the `group_computed` column.
+    """
+    scores = scores.assign(group_computed=False)
+    added = []
+    for (run_id, model, suite, metric), g in scores.groupby(["run_id", "model", "suite", "metric"], sort=True):
+        if (g["task"] == suite).any():
+            continue
+        sub = g[g["value"].notna()]
+        if sub.empty:
+            continue
+        weights = sub["n"] if sub["n"].notna().all() and sub["n"].sum() > 0 else pd.Series(1.0, index=sub.index)
+        row = sub.iloc[0].copy()
+        row["task"] = suite
+        row["value"] = float((sub["value"] * weights).sum() / weights.sum())
+        row[["stderr", "ci_low", "ci_high"]] = np.nan
+        row["n"] = float(sub["n"].sum()) if sub["n"].notna().all() else np.nan
+        row["group_computed"] = True
+        added.append(row)
+    if added:
+        scores = pd.concat([scores, pd.DataFrame(added)], ignore_index=True)
+    return scores
 
 
 def _aggregate_speed(rows: pd.DataFrame) -> float:
@@ -547,7 +595,7 @@ def table_runs(data: ReportData) -> pd.DataFrame:
                      "config hash": run.manifest.get("config_hash", ""), "started": vol.get("started", ""),
                      "finished": vol.get("finished", ""), "host": vol.get("host", ""),
                      "models": len(run.manifest.get("models") or {}), "tasks": len(run.manifest.get("tasks") or {}),
-                     "missing (model, task)": len(missing) if not run.complete else ""})
+                     "missing (model, suite/task)": len(missing) if not run.complete else ""})
     return pd.DataFrame(rows)
 
 
@@ -701,7 +749,7 @@ def table_regression(data: ReportData) -> pd.DataFrame | None:
             shown += f", … ({len(flips)} in flips.csv)"
         rows.append({"model": r["model"], "run A": r["run_a"], "run B": r["run_b"], "task": r["task"],
                      "A": _fmt_score(r["value_a"], pct), "B": _fmt_score(r["value_b"], pct),
-                     "delta": ("+" if r["delta"] > 0 else "") + _fmt_score(r["delta"], pct) if pct or True else "",
+                     "delta": ("+" if r["delta"] > 0 else "") + _fmt_score(r["delta"], pct),
                      "right→wrong": _fmt_num(r["right_to_wrong"], 0), "wrong→right": _fmt_num(r["wrong_to_right"], 0),
                      "p": _fmt_p(r["p_value"]), "prompt changed": _fmt_num(r["prompt_changed"], 0),
                      "flipped doc_ids": shown})
@@ -717,7 +765,7 @@ def banner_lines(data: ReportData) -> list[str]:
         if missing:
             shown = ", ".join(f"{m}/{t}" for m, t in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            text += f"; missing {len(missing)} (model, task) pairs: {shown}{more}"
+            text += f"; missing {len(missing)} (model, suite/task) pairs: {shown}{more}"
         lines.append(text + ".")
     return lines
 
@@ -752,7 +800,8 @@ def _sections(data: ReportData) -> list[Section]:
     sections = [Section("Runs", "", [("", table_runs(data))])]
     sections.append(Section(
         "Scores by model and suite",
-        "Grouped by origin. Scores are the suite's group score (± standard error); `mean` is the unweighted mean "
+        "Grouped by origin. Scores are the suite's group score (± standard error; where the run wrote only "
+        "subtask rows, the item-weighted mean of its subtasks); `mean` is the unweighted mean "
         "over suites, shown only for models with every suite. Throughput is measured in the same run: `eval tok/s` "
         "over the evaluation itself, prefill/decode from the fixed-shape probe. `build` says which weights produced "
         "the score (quantization, variant).",
