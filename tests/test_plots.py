@@ -65,6 +65,8 @@ def test_score_vs_throughput_points() -> None:
     # each errorbar container's first line is the data points of one origin
     points = sorted((float(x), float(y)) for c in arc.containers for x, y in c.lines[0].get_xydata())
     assert points == sorted([(1000.0, 0.40), (500.0, 0.55), (200.0, 0.60), (250.0, 0.70)])
+    labels = [t.get_text() for t in arc.get_legend().get_texts()]
+    assert labels == ["CN", "CN (incomplete run)", "US", "EU"]
     plt.close(fig)
     assert score_vs_throughput_figure(_summary(with_speed=False)) is None
 

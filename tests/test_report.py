@@ -221,6 +221,15 @@ def test_incomplete_run_is_shown_as_incomplete(tmp_path: Path) -> None:
     assert "1 from incomplete runs" in origin
 
 
+def test_regression_against_an_incomplete_run_says_so(tmp_path: Path) -> None:
+    a = make_run(tmp_path, RUN_A, ["qwen-mini"])
+    b = make_run(tmp_path, RUN_B, ["qwen-mini"], status="incomplete", skip={("qwen-mini", "arc")})
+    md = build_report([a, b], tmp_path / "out").markdown.read_text()
+    reg = md.split("## Regression", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in reg.splitlines() if line.startswith("| qwen-mini")]
+    assert rows and all(f"| {RUN_B} [incomplete] |" in line for line in rows)
+
+
 @pytest.mark.parametrize("status", ["running", "failed"])
 def test_write_run_report_banner_for_unfinished_run(tmp_path: Path, status: str) -> None:
     run = make_run(tmp_path, RUN_A, ["qwen-mini"], status=status, skip={("qwen-mini", "mmlu_law")})
@@ -250,6 +259,7 @@ def test_regression_view_delta_and_flipped_items(tmp_path: Path) -> None:
     assert list(flips.sort_values("doc_id")["correct_b"]) == [False, False, True]
     md = paths.markdown.read_text()
     assert "| qwen-mini | " + RUN_A + " | " + RUN_B + " | arc | 50.0 | 45.0 | -5.0 | 2 | 1 |" in md
+    assert "<code>right→wrong</code>" in paths.html.read_text()
     assert "| 0, 1, 15 |" in md
 
 

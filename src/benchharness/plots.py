@@ -117,9 +117,17 @@ def score_vs_throughput_figure(summary: pd.DataFrame) -> Figure | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
     for ax, suite in zip(axes.flat, suites):
         rows = summary[(summary["suite"] == suite) & summary["eval_tokens_per_s"].notna()]
-        for origin, g in rows.groupby(rows["origin"].fillna("?").astype(str)):
-            ax.errorbar(g["eval_tokens_per_s"], g["value"], yerr=_errors(g), fmt="o", color=_color(origin),
-                        label=origin, capsize=3)
+        origins = rows["origin"].fillna("?").astype(str)
+        for origin in sorted(origins.unique(), key=lambda o: (_origin_key(o), o)):
+            g = rows[origins == origin]
+            done = (g["run_status"] == "complete") if "run_status" in g else pd.Series(True, index=g.index)
+            for complete, part in ((True, g[done]), (False, g[~done])):
+                if part.empty:
+                    continue
+                # Hollow markers for entries from incomplete runs, like the hatched bars.
+                ax.errorbar(part["eval_tokens_per_s"], part["value"], yerr=_errors(part), fmt="o", color=_color(origin),
+                            mfc=_color(origin) if complete else "white", capsize=3,
+                            label=origin if complete else f"{origin} (incomplete run)")
             for _, r in g.iterrows():
                 ax.annotate(str(r["entry"]), (r["eval_tokens_per_s"], r["value"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")

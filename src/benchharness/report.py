@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -736,6 +737,11 @@ def table_probe(data: ReportData) -> pd.DataFrame | None:
     return frame[keep]
 
 
+def _run_label(data: ReportData, run_id: str) -> str:
+    run = next(r for r in data.runs if r.run_id == run_id)
+    return run_id if run.complete else run_id + INCOMPLETE_TAG
+
+
 def table_regression(data: ReportData) -> pd.DataFrame | None:
     if data.regression.empty:
         return None
@@ -747,7 +753,8 @@ def table_regression(data: ReportData) -> pd.DataFrame | None:
         shown = ", ".join(str(d) for d in flips["doc_id"].head(MAX_FLIPS_SHOWN))
         if len(flips) > MAX_FLIPS_SHOWN:
             shown += f", … ({len(flips)} in flips.csv)"
-        rows.append({"model": r["model"], "run A": r["run_a"], "run B": r["run_b"], "task": r["task"],
+        rows.append({"model": r["model"], "run A": _run_label(data, r["run_a"]), "run B": _run_label(data, r["run_b"]),
+                     "task": r["task"],
                      "A": _fmt_score(r["value_a"], pct), "B": _fmt_score(r["value_b"], pct),
                      "delta": ("+" if r["delta"] > 0 else "") + _fmt_score(r["delta"], pct),
                      "right→wrong": _fmt_num(r["right_to_wrong"], 0), "wrong→right": _fmt_num(r["wrong_to_right"], 0),
@@ -885,7 +892,8 @@ def render_html(data: ReportData, title: str, images: list[tuple[str, Path]] | N
     for section in _sections(data):
         out.append(f"<h2>{esc(section.title)}</h2>")
         if section.intro:
-            out.append(f"<p>{esc(section.intro)}</p>")
+            # The intros are written for markdown: render their `code` spans as <code>.
+            out.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(section.intro)) + "</p>")
         for caption, table in section.tables:
             if caption:
                 out.append(f"<h3>{esc(caption)}</h3>")
