@@ -13,7 +13,7 @@ import pytest
 
 from benchharness.errors import HarnessError
 from benchharness.report import build_report, collect, load_run, load_samples, write_run_report
-from benchharness.stats import bootstrap_ci, mcnemar_exact, mean_stderr
+from benchharness.stats import bootstrap_ci, mean_stderr
 
 MODELS: dict[str, dict[str, Any]] = {
     "qwen-mini": {"origin": "CN", "organisation": "Alibaba", "family": "qwen2", "params": "0.5B",

@@ -339,7 +339,7 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
     probe = _probe(runs, entries)
     regression, flips = _regression(scores, suites, primary, entries, samples, run_by_id)
     for run in runs:
-        if (run.folder / "scores.csv").is_file() is False:
+        if not (run.folder / "scores.csv").is_file():
             notes.append(f"run {run.run_id} has no scores.csv")
     return ReportData(runs, entries, scores, summary, suites, primary, pairs, speed, probe, regression, flips, seed, notes)
 
