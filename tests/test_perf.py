@@ -250,8 +250,9 @@ class ForwardCounter:
 
 
 def fake_limits(flops: float = 1e9, bandwidth: float = 1e8) -> MachineLimits:
-    return MachineLimits(device="cpu", dtype="float32", matmul_flops=summarize([flops]),
-                         memory_bandwidth=summarize([bandwidth]), matmul_size=1, bandwidth_bytes=1)
+    # The medians are half the maxima, so a test sees which one the efficiency uses.
+    return MachineLimits(device="cpu", dtype="float32", matmul_flops=summarize([flops / 4, flops / 2, flops]),
+                         memory_bandwidth=summarize([bandwidth / 2, bandwidth]), matmul_size=1, bandwidth_bytes=1)
 
 
 def test_probe_token_counts_equal_what_the_model_processed() -> None:
@@ -301,6 +302,7 @@ def test_probe_extra_shapes_give_a_row_pair_each() -> None:
 def test_probe_efficiency_against_given_limits() -> None:
     model = tiny_llama()
     limits = fake_limits(flops=1e9, bandwidth=1e8)
+    assert (limits.peak_flops, limits.peak_bandwidth) == (1e9, 1e8)
     spec = ProbeSpec(batch=2, prompt_len=8, new_tokens=3, warmup=0, min_reps=2, min_seconds=0.0)
     prefill, decode = run_speed_probe(model, None, spec, "cpu", limits=limits)
     assert prefill.flops_efficiency == pytest.approx(prefill.achieved_flops / 1e9)
