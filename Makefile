@@ -47,6 +47,8 @@ suites: install
 	$(BH) suites
 
 test: install
+	@# The HTML report test renders report.html in headless Chromium (Debian's package).
+	sh scripts/install-chromium.sh
 	$(PY) -m pytest -q
 
 test-fast: install

@@ -22,6 +22,7 @@ engine: hf
 inference: {dtype: float32, device: cpu, batch_size: 4}
 seed: 3
 output_dir: runs
+speed: {batch: 2, prompt_len: 8, new_tokens: 4, warmup: 1, min_reps: 2, min_seconds: 0, limits_min_seconds: 0}
 """
 
 
@@ -58,7 +59,14 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     speed = pd.read_csv(run / "throughput.csv")
     evals = speed[speed.phase == "eval"].iloc[0]
     assert evals.tokens > 6 * 4 and evals.tokens_per_s > 0 and evals.batch == 4
+    assert evals.achieved_flops > 0 and evals.peak_memory_mb > 0
+    prefill = speed[speed.phase == "prefill"].iloc[0]
+    assert prefill.tokens == prefill.reps * 2 * 8  # batch x prompt_len per timed run
+    assert set(speed.phase) >= {"load_warm", "eval", "prefill", "decode"}
+    assert manifest["limits"]["matmul_flops"]["median"] > 0
+    assert manifest["models"]["tiny-llama"]["requests"]["bh_mmlu"] == {"computed": 24, "cached": 0}
     assert (run / "report.md").is_file()
+    assert main(["verify", str(run)]) == 0
 
 
 def test_same_config_twice_gives_identical_samples(tmp_path: Path, tiny_model_dir: Path) -> None:

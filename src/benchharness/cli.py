@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="folder for run folders (default: the config's output_dir)")
     run.add_argument("--engine", choices=["hf", "benchharness"], help="inference engine")
     run.add_argument("--batch-size", type=_batch, help="batch size or 'auto'")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR", help="finish an interrupted run: the newest unfinished run of this config, or RUN_DIR")
+
+    speed = sub.add_parser("speed", help="run only the fixed-shape speed probe for a config's models")
+    speed.add_argument("config", type=Path)
+    speed.add_argument("--models", type=_csv, help="comma-separated catalog names, replacing the config's list")
+    speed.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+
+    verify = sub.add_parser("verify", help="re-check a run folder's files against its manifest")
+    verify.add_argument("run", type=Path)
 
     report = sub.add_parser("report", help="write report.md (and more) for one or several run folders")
     report.add_argument("runs", type=Path, nargs="+")
@@ -76,15 +85,42 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.config import Overrides, load_experiment
-    from benchharness.runner import run_experiment
+    from benchharness.runner import find_resumable, run_experiment
 
     from benchharness.yamlfile import validate
 
     given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size") if getattr(args, k) is not None}
     overrides = validate(Path("command line"), given, Overrides, prefix="--")
     experiment = load_experiment(args.config, overrides)
-    folder = run_experiment(experiment, cache_dir)
+    resume = None
+    if args.resume is not None:
+        resume = find_resumable(experiment.output_dir, experiment.config_hash()) if args.resume == "latest" else Path(args.resume)
+    folder = run_experiment(experiment, cache_dir, resume=resume)
     print(folder)
+    return 0
+
+
+def cmd_speed(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.config import Overrides, load_experiment
+    from benchharness.speed import run_speed_only
+    from benchharness.yamlfile import validate
+
+    given = {k: getattr(args, k) for k in ("models", "device") if getattr(args, k) is not None}
+    experiment = load_experiment(args.config, validate(Path("command line"), given, Overrides, prefix="--"))
+    print(run_speed_only(experiment, cache_dir))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.verify import verify_run
+
+    problems = verify_run(args.run)
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{args.run}: {len(problems)} problem(s)")
+        return 1
+    print(f"{args.run}: every file matches the manifest")
     return 0
 
 
@@ -153,4 +189,6 @@ COMMANDS = {
     "suites": cmd_suites,
     "prepare": cmd_prepare,
     "fetch": cmd_fetch,
+    "speed": cmd_speed,
+    "verify": cmd_verify,
 }

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchharness.catalog import Catalog, ModelEntry, load_catalog, normalise_sources, resolve_local_paths
 from benchharness.errors import ConfigError
+from benchharness.perf import ProbeSpec
 from benchharness.yamlfile import read_yaml_mapping, validate
 
 
@@ -58,6 +59,7 @@ class ExperimentFile(_Strict):
     inference: InferenceSpec = InferenceSpec()
     seed: int = 1234
     output_dir: Path = Path("results")
+    speed: ProbeSpec | None = Field(default_factory=ProbeSpec, description="the fixed-shape speed probe; null turns it off")
 
 
 class Experiment(_Strict):
@@ -74,6 +76,7 @@ class Experiment(_Strict):
     inference: InferenceSpec
     seed: int
     output_dir: Path
+    speed: ProbeSpec | None
 
     def resolved(self) -> dict[str, Any]:
         """The content that decides results (paths of this machine left out), for hashing and the manifest."""
@@ -142,6 +145,7 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         inference=inference,
         seed=spec.seed,
         output_dir=output_dir,
+        speed=spec.speed,
     )
 
 

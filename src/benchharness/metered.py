@@ -24,7 +24,8 @@ class MeteredLM(LM):
         self.reset()
 
     def reset(self) -> None:
-        self.seconds = 0.0
+        self.score_seconds = 0.0
+        self.generate_seconds = 0.0
         self.requests = 0
         self.prompt_tokens = 0
         self.scored_tokens = 0
@@ -39,6 +40,10 @@ class MeteredLM(LM):
     def world_size(self) -> int:
         return self.inner.world_size
 
+    def set_cache_hook(self, cache_hook: Any) -> None:
+        # The request cache must hear from the engine itself, which saves each answer as it goes.
+        self.inner.set_cache_hook(cache_hook)
+
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.inner, "tokenizer_name", "")
@@ -52,7 +57,7 @@ class MeteredLM(LM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         started = time.perf_counter()
         out = self.inner.loglikelihood(requests, disable_tqdm=disable_tqdm)
-        self.seconds += time.perf_counter() - started
+        self.score_seconds += time.perf_counter() - started
         self.requests += len(requests)
         for req in requests:
             context, continuation = req.args
@@ -64,7 +69,7 @@ class MeteredLM(LM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         started = time.perf_counter()
         out = self.inner.loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        self.seconds += time.perf_counter() - started
+        self.score_seconds += time.perf_counter() - started
         self.requests += len(requests)
         for req in requests:
             n = self._count(req.args[0])
@@ -75,7 +80,7 @@ class MeteredLM(LM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         started = time.perf_counter()
         out = self.inner.generate_until(requests, disable_tqdm=disable_tqdm)
-        self.seconds += time.perf_counter() - started
+        self.generate_seconds += time.perf_counter() - started
         self.requests += len(requests)
         for req, text in zip(requests, out):
             self.prompt_tokens += self._count(req.args[0])

@@ -12,24 +12,23 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import platform
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
 from tqdm import tqdm
 
-from benchharness import __version__
 from benchharness.catalog import ModelEntry
 from benchharness.config import Experiment, SuiteSpec
 from benchharness.data import PreparedSuite, Suite, get_suite, prepare_suite, render_tasks
 from benchharness.errors import HarnessError
+from benchharness.manifest import fingerprint_sha256, initial_manifest
 from benchharness.metered import MeteredLM
-from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model
+from benchharness.perf import MachineLimits, MemorySampler, hardware_info, load_timer, measure_machine_limits, model_flops_per_token, run_speed_probe
+from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore
 
 log = logging.getLogger(__name__)
@@ -69,11 +68,27 @@ def check_output_writable(folder: Path) -> None:
         raise HarnessError(f"output folder {folder} is not writable ({exc.strerror or exc}). Fix: pass --output DIR or set output_dir to a folder you can write.") from exc
 
 
-def run_experiment(experiment: Experiment, cache_dir: Path, run_id: str | None = None) -> Path:
-    """Run `experiment`; returns the run folder. Raises HarnessError on bad input before writing anything."""
+def find_resumable(output_dir: Path, config_hash: str) -> Path:
+    """The newest run folder in `output_dir` made from the same config that did not complete."""
+    candidates = []
+    for manifest_path in sorted(output_dir.glob(f"*-{config_hash}/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("status") != "complete":
+            candidates.append(manifest_path.parent)
+    if not candidates:
+        raise HarnessError(f"--resume: no unfinished run of this config (hash {config_hash}) in {output_dir}. Fix: run without --resume, or pass the run folder: --resume results/<run_id>.")
+    return candidates[-1]
+
+
+def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None = None) -> Path:
+    """Run `experiment`, or finish the unfinished run folder `resume`; returns the run folder.
+
+    Raises HarnessError on bad input before writing anything.
+    """
     started = dt.datetime.now(dt.timezone.utc)
-    run_id = run_id or new_run_id(experiment, started)
     log.info("experiment %s (%s): %d model(s) x %d suite(s)", experiment.name, experiment.config_hash(), len(experiment.models), len(experiment.suites))
+    store = RunStore(resume if resume is not None else experiment.output_dir / new_run_id(experiment, started))
+    previous = _resumable_manifest(store, experiment) if resume is not None else None
 
     log.info("stage 1/3: preparing suite data")
     planned, tasks_dir = prepare_suites(experiment, cache_dir)
@@ -81,14 +96,28 @@ def run_experiment(experiment: Experiment, cache_dir: Path, run_id: str | None =
     resolved = {m.name: resolve_model(m, cache_dir) for m in experiment.models}
     device = pick_device(experiment.inference.device)
     dtype = pick_dtype(experiment.inference.dtype, device)
-    check_output_writable(experiment.output_dir)
+    check_output_writable(store.folder.parent)
 
-    store = RunStore(experiment.output_dir / run_id)
-    store.folder.mkdir(parents=True)
-    manifest = _initial_manifest(experiment, run_id, started, planned, resolved, device, dtype)
+    if previous is None:
+        store.folder.mkdir(parents=True)
+        data_fingerprints = {p.spec.name: p.prepared.fingerprint for p in planned}
+        manifest = initial_manifest(experiment, store.folder.name, started, data_fingerprints, resolved, device, dtype, hardware_info())
+        score_rows: list[dict[str, Any]] = []
+        speed_rows: list[dict[str, Any]] = []
+    else:
+        manifest = previous
+        _check_same_inputs(store, manifest, planned, resolved)
+        manifest["volatile"]["resumed"].append(started.isoformat())
+        score_rows, speed_rows = _finished_rows(store, manifest, [p.spec.name for p in planned])
+        log.info("resuming %s: %d model/suite pair(s) already done", store.folder, len(manifest["completed_suites"]))
+    manifest["status"] = "running"
     store.write_manifest(manifest)
-    score_rows: list[dict[str, Any]] = []
-    speed_rows: list[dict[str, Any]] = []
+
+    limits = None
+    if experiment.speed is not None:
+        log.info("measuring this machine's matmul FLOP/s and memory bandwidth (%s, %s)", device, dtype)
+        limits = measure_machine_limits(device, getattr(torch, dtype), min_seconds=experiment.speed.limits_min_seconds)
+        manifest["limits"] = limits.to_dict()
     log.info("stage 3/3: evaluating -> %s", store.folder)
     from lm_eval.tasks import TaskManager
 
@@ -96,22 +125,73 @@ def run_experiment(experiment: Experiment, cache_dir: Path, run_id: str | None =
     task_manager = TaskManager(include_path=str(tasks_dir))
     status = "failed"
     try:
-        pairs = tqdm(total=len(experiment.models) * len(planned), desc="model x suite", unit="task", disable=None)
+        done = {tuple(pair) for pair in manifest["completed_suites"]}
+        pairs = tqdm(total=len(experiment.models) * len(planned), initial=len(done), desc="model x suite", unit="suite", disable=None)
         for entry in experiment.models:
-            _evaluate_model(experiment, entry, resolved[entry.name], planned, task_manager, device, dtype, store, manifest, score_rows, speed_rows, pairs)
+            todo = [p for p in planned if (entry.name, p.spec.name) not in done]
+            if todo:
+                _evaluate_model(experiment, entry, resolved[entry.name], todo, task_manager, device, dtype, limits, store, manifest, score_rows, speed_rows, pairs)
         pairs.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "incomplete"
-        log.error("interrupted: finished tasks are kept in %s; the run is marked incomplete", store.folder)
+        log.error("interrupted: finished tasks are kept in %s; finish it with --resume", store.folder)
         raise
     finally:
         manifest["status"] = status
         manifest["volatile"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        manifest["fingerprint_sha256"] = fingerprint_sha256(manifest["fingerprint"])
         store.write_manifest(manifest)
         _write_report(store.folder)
     log.info("done: %s", store.folder)
     return store.folder
+
+
+def _resumable_manifest(store: RunStore, experiment: Experiment) -> dict[str, Any]:
+    if not store.manifest_path.is_file():
+        raise HarnessError(f"--resume {store.folder}: no manifest.json there. Fix: pass a run folder under results/.")
+    manifest = store.read_manifest()
+    if manifest.get("config_hash") != experiment.config_hash():
+        raise HarnessError(
+            f"--resume {store.folder}: that run was made from config hash {manifest.get('config_hash')}, this config (with its overrides) has {experiment.config_hash()}. "
+            "Fix: resume with the same config file and command-line overrides."
+        )
+    if manifest.get("status") == "complete":
+        raise HarnessError(f"--resume {store.folder}: that run is already complete. Fix: start a new run without --resume.")
+    return manifest
+
+
+def _check_same_inputs(store: RunStore, manifest: dict[str, Any], planned: list[PlannedSuite], resolved: dict[str, ResolvedModel]) -> None:
+    """A resumed run must see the same weights and data as its first part, or its tables would mix two runs."""
+    recorded = manifest["fingerprint"]
+    for name, res in resolved.items():
+        if recorded["weights_sha256"].get(name) != res.weights_sha256:
+            raise HarnessError(f"--resume {store.folder}: the weights of {name} changed since the run started. Fix: start a new run.")
+    for item in planned:
+        if recorded["data_fingerprints"].get(item.spec.name) != item.prepared.fingerprint:
+            raise HarnessError(f"--resume {store.folder}: the data of suite {item.spec.name} changed since the run started. Fix: start a new run.")
+
+
+def _finished_rows(store: RunStore, manifest: dict[str, Any], suites: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of the tables that belong to finished model/suite pairs; the rest is recomputed."""
+    done = {tuple(pair) for pair in manifest["completed_suites"]}
+    # Load and probe rows (no task) belong to a model; it is loaded again unless all its suites are done.
+    finished_models = {m for m in manifest["models"] if all((m, s) in done for s in suites)}
+
+    def keep(path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
+            return []
+        frame = pd.read_csv(path, dtype=object, keep_default_na=False)
+        rows = frame.to_dict("records")
+        return [{k: (None if v == "" else v) for k, v in r.items()} for r in rows]
+
+    suite_of_task = {task: info["suite"] for task, info in manifest["tasks"].items()}
+    scores = [r for r in keep(store.folder / "scores.csv") if (r["model"], r["suite"]) in done]
+    speeds = [
+        r for r in keep(store.folder / "throughput.csv")
+        if (r["model"], suite_of_task.get(r["task"] or "", "")) in done or (not r["task"] and r["model"] in finished_models)
+    ]
+    return scores, speeds
 
 
 def _evaluate_model(
@@ -122,6 +202,7 @@ def _evaluate_model(
     task_manager: Any,
     device: str,
     dtype: str,
+    limits: MachineLimits | None,
     store: RunStore,
     manifest: dict[str, Any],
     score_rows: list[dict[str, Any]],
@@ -129,16 +210,16 @@ def _evaluate_model(
     pairs: tqdm,
 ) -> None:
     log.info("%s (%s): loading from %s on %s, %s", entry.name, entry.origin, resolved.path, device, dtype)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(resolved, entry, dtype, device)
-    load_seconds = time.perf_counter() - t0
+    with load_timer("load_warm", device) as load:
+        model, tokenizer = load_model(resolved, entry, dtype, device)
+    speed_rows.append(load.row(entry.name, entry.origin).to_dict())
+    if resolved.converted_now:
+        speed_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
     lm, batch_info = make_lm(experiment, model, tokenizer, device)
     info = manifest["models"][entry.name]
     info["batch"] = batch_info
-    info["load_seconds"] = round(load_seconds, 3)
-    speed_rows.append(_row(entry, task="", phase="load_warm", seconds=load_seconds))
-    if resolved.converted_now:
-        speed_rows.append(_row(entry, task="", phase="load_cold", seconds=resolved.prepare_seconds + load_seconds))
+    info["load_seconds"] = round(load.seconds, 3)
+    flops_per_token = model_flops_per_token(model)
 
     metered = MeteredLM(lm, tokenizer)
     for item in planned:
@@ -146,37 +227,70 @@ def _evaluate_model(
         log.info("%s: suite %s (limit %s, %s-shot)", entry.name, item.spec.name, item.spec.limit, item.spec.num_fewshot or 0)
         metered.reset()
         wall = time.perf_counter()
-        results = evaluate_task(metered, item.suite.task, task_manager, item.spec, experiment.seed)
+        with MemorySampler(device) as memory:
+            results = evaluate_task(metered, item.suite.task, task_manager, item.spec, experiment.seed, request_cache=store.folder / "cache" / entry.name)
         wall = time.perf_counter() - wall
         for task_name, samples in results["samples"].items():
             records = [sample_record(s) for s in samples]
-            store.write_samples(entry.name, task_name, records)
+            _record_file(store, manifest, store.write_samples(entry.name, task_name, records))
             score_rows.extend(score_rows_for(entry, item.spec.name, task_name, results["results"][task_name], records, experiment.seed))
+            task_prompt_hash = prompt_hash(results["configs"][task_name])
             manifest["tasks"][task_name] = {
                 "suite": item.spec.name,
                 "data_fingerprint": item.prepared.fingerprint,
-                "prompt_hash": prompt_hash(results["configs"][task_name]),
+                "prompt_hash": task_prompt_hash,
                 "num_fewshot": results.get("n-shot", {}).get(task_name),
                 "limit": item.spec.limit,
                 "n": len(records),
                 "n_available": item.prepared.n_items,
             }
+            manifest["fingerprint"]["prompt_hashes"][task_name] = task_prompt_hash
             manifest["completed"].append([entry.name, task_name])
-        tokens = metered.prompt_tokens + metered.generated_tokens
-        speed_rows.append(
-            _row(
-                entry, task=item.suite.task, phase="eval", batch=batch_info.get("batch_size"), tokens=tokens,
-                seconds=round(metered.seconds, 4), tokens_per_s=round(tokens / metered.seconds, 2) if metered.seconds > 0 else None,
-                peak_memory_mb=round(_peak_rss_mb(), 1),
-            )
-        )
+        speed_rows.extend(_eval_rows(entry, item.suite.task, metered, batch_info, memory.peak_memory_mb, flops_per_token, limits))
         info.setdefault("eval_wall_seconds", {})[item.suite.task] = round(wall, 3)
-        # Tables first, manifest last: the manifest's `completed` never names a task whose rows are missing.
-        store.write_table("scores.csv", score_rows, SCORE_COLUMNS)
-        store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS)
+        # Requests answered by the model now, and from the request cache of an interrupted attempt.
+        total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
+        info.setdefault("requests", {})[item.suite.task] = {"computed": metered.requests, "cached": total - metered.requests}
+        manifest["completed_suites"].append([entry.name, item.spec.name])
+        # Tables first, manifest last: the manifest never names a suite whose rows are missing.
+        _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
+        _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
         store.write_manifest(manifest)
         pairs.update(1)
+
+    if experiment.speed is not None:
+        log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
+        probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
+        speed_rows.extend(row.to_dict() for row in probe)
+        _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
+        store.write_manifest(manifest)
     del model, lm, metered
+
+
+def _eval_rows(
+    entry: ModelEntry, task: str, metered: MeteredLM, batch_info: dict[str, Any], peak_mb: float,
+    flops_per_token: float, limits: MachineLimits | None,
+) -> list[dict[str, Any]]:
+    """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second."""
+    rows = []
+    for phase, tokens, seconds in (
+        ("eval", metered.prompt_tokens, metered.score_seconds),
+        ("eval_generate", metered.generated_tokens, metered.generate_seconds),
+    ):
+        if tokens == 0 or seconds <= 0:
+            continue
+        rate = tokens / seconds
+        achieved = flops_per_token * rate
+        rows.append({
+            **_row(entry, task=task, phase=phase, batch=batch_info.get("batch_size"), tokens=tokens, reps=1),
+            "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
+            "achieved_flops": achieved, "flops_efficiency": achieved / limits.matmul_flops.median if limits else None,
+        })
+    return rows
+
+
+def _record_file(store: RunStore, manifest: dict[str, Any], path: Path) -> None:
+    manifest["files"][str(path.relative_to(store.folder))] = sha256_file(path)
 
 
 def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> tuple[Any, dict[str, Any]]:
@@ -193,7 +307,9 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     return lm, {"engine": "benchharness", **lm.batch_info}
 
 
-def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int) -> dict[str, Any]:
+def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, request_cache: Path | None = None) -> dict[str, Any]:
+    """One suite through lm-eval. `request_cache` (a path prefix) keeps every answered request in
+    SQLite as it is computed, so a resumed run skips what an interrupted one finished."""
     import lm_eval
 
     results = lm_eval.simple_evaluate(
@@ -208,6 +324,7 @@ def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: 
         torch_random_seed=seed,
         fewshot_random_seed=seed,
         bootstrap_iters=0,
+        use_cache=str(request_cache) if request_cache is not None else None,
     )
     if results is None:
         raise HarnessError(f"lm-eval returned no results for task {task}")
@@ -268,13 +385,6 @@ def _row(entry: ModelEntry, **values: Any) -> dict[str, Any]:
     return {"model": entry.name, "origin": entry.origin, **values}
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _write_report(folder: Path) -> None:
     try:
         from benchharness.report import write_run_report
@@ -282,79 +392,3 @@ def _write_report(folder: Path) -> None:
         write_run_report(folder)
     except Exception as exc:  # the report is derived; a failure here must not lose the results
         log.error("could not write report.md for %s: %s (results are intact; rerun `benchharness report %s`)", folder, exc, folder)
-
-
-def _initial_manifest(
-    experiment: Experiment, run_id: str, started: dt.datetime, planned: list[PlannedSuite],
-    resolved: dict[str, ResolvedModel], device: str, dtype: str,
-) -> dict[str, Any]:
-    models = {}
-    for entry in experiment.models:
-        res = resolved[entry.name]
-        models[entry.name] = {
-            "origin": entry.origin, "organisation": entry.organisation, "family": entry.family, "params": entry.params,
-            "license": entry.license, "build": entry.build, "source": res.source, "revision": res.revision,
-            "weights_sha256": res.weights_sha256, "dtype": dtype, "device": device, "engine": experiment.engine,
-            "chat_template": False,
-        }
-    fingerprint = {
-        "config_hash": experiment.config_hash(),
-        "config": experiment.resolved(),
-        "weights_sha256": {name: r.weights_sha256 for name, r in resolved.items()},
-        "data_fingerprints": {p.spec.name: p.prepared.fingerprint for p in planned},
-        "seed": experiment.seed,
-        "versions": versions(),
-    }
-    return {
-        "run_id": run_id,
-        "status": "running",
-        "experiment": experiment.name,
-        "config_file": str(experiment.source_file),
-        "config_hash": experiment.config_hash(),
-        "config": experiment.resolved(),
-        "fingerprint": fingerprint,
-        "volatile": {"started": started.isoformat(), "finished": None, "host": socket.gethostname()},
-        "models": models,
-        "tasks": {},
-        "completed": [],
-        "versions": fingerprint["versions"],
-        "hardware": hardware(),
-        "command": " ".join(sys.argv),
-    }
-
-
-def versions() -> dict[str, str | None]:
-    import lm_eval
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lm_eval": getattr(lm_eval, "__version__", None),
-        "benchharness": __version__,
-        "benchharness_commit": _git_commit(),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def hardware() -> dict[str, Any]:
-    try:
-        from benchharness.perf import hardware_info
-
-        return hardware_info()
-    except ImportError:
-        import os
-
-        return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count()}

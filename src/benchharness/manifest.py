@@ -1,0 +1,99 @@
+"""The run manifest: a stable fingerprint of what decides the results, apart from volatile facts.
+
+`fingerprint` holds everything that decides the numbers (resolved config, weight sha256,
+data fingerprints, prompt hashes, seeds, library versions, harness commit); two runs with
+equal `fingerprint_sha256` should give identical per-sample results. `volatile` holds
+times and the host. `files` maps each result file to its sha256, for `benchharness verify`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchharness import __version__
+from benchharness.config import Experiment
+from benchharness.sources import ResolvedModel
+
+
+def initial_manifest(
+    experiment: Experiment, run_id: str, started: dt.datetime, data_fingerprints: dict[str, str],
+    resolved: dict[str, ResolvedModel], device: str, dtype: str, hardware: dict[str, Any],
+) -> dict[str, Any]:
+    models = {}
+    for entry in experiment.models:
+        res = resolved[entry.name]
+        models[entry.name] = {
+            "origin": entry.origin, "organisation": entry.organisation, "family": entry.family, "params": entry.params,
+            "license": entry.license, "build": entry.build, "source": res.source, "revision": res.revision,
+            "weights_sha256": res.weights_sha256, "dtype": dtype, "device": device, "engine": experiment.engine,
+            "chat_template": False,
+        }
+    fingerprint = {
+        "config_hash": experiment.config_hash(),
+        "config": experiment.resolved(),
+        "weights_sha256": {name: r.weights_sha256 for name, r in resolved.items()},
+        "data_fingerprints": data_fingerprints,
+        "prompt_hashes": {},
+        "seed": experiment.seed,
+        "dtype": dtype,
+        "device": device,
+        "versions": versions(),
+    }
+    return {
+        "run_id": run_id,
+        "status": "running",
+        "experiment": experiment.name,
+        "config_file": str(experiment.source_file),
+        "config_hash": experiment.config_hash(),
+        "config": experiment.resolved(),
+        "fingerprint": fingerprint,
+        "fingerprint_sha256": fingerprint_sha256(fingerprint),
+        "volatile": {"started": started.isoformat(), "finished": None, "resumed": [], "host": socket.gethostname(), "command": " ".join(sys.argv)},
+        "models": models,
+        "tasks": {},
+        "completed": [],
+        "completed_suites": [],
+        "files": {},
+        "versions": fingerprint["versions"],
+        "hardware": hardware,
+    }
+
+
+def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    import lm_eval
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": getattr(lm_eval, "__version__", None),
+        "benchharness": __version__,
+        "benchharness_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    """The harness's git commit, with '-dirty' when tracked files differ from it; None outside git."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
