@@ -2,9 +2,9 @@
 
 - CUDA: start high and halve on out-of-memory with a worst-case-shaped forward;
   the scoring loop also halves again if a real batch runs out of memory.
-- CPU: memory is rarely the limit; throughput is. Time body forwards of growing
-  size and take the smallest budget whose tokens/s is within a few percent of the
-  best seen (bigger batches then only add padding and latency).
+- CPU: memory is rarely the limit; the fixed cost of each forward is. Two small
+  timed forwards give fixed and per-token cost; the budget is the smallest that
+  makes the fixed cost a small share (bigger batches then only add padding).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 
 from benchharness.engine.head import SplitModel
 
-_CPU_PROBE_ROW_TOKENS = 64
-_CPU_PROBE_SECONDS = 4.0
-_CPU_GAIN_THRESHOLD = 0.05
+_CPU_PROBE_ROW_TOKENS = 16
+_CPU_PROBE_ROWS = (1, 4)
+_CPU_PROBE_REPEATS = 2
+_CPU_OVERHEAD_SHARE = 0.05
 _CPU_MIN_BUDGET = 256
 _CPU_MAX_BUDGET = 8192
 _CUDA_START_BUDGET = 65536
@@ -41,33 +42,33 @@ def _body_forward(split: SplitModel, rows: int, length: int) -> None:
     vocab = int(split.output_layer.weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, length), generator=generator).to(split.device)
-    with torch.no_grad():
+    with torch.inference_mode():
         hidden = split.body(input_ids=ids, use_cache=False).last_hidden_state
         split.log_probs(hidden[:, -1])  # the output layer on one row per sequence, as scoring does
 
 
 def probe_cpu_budget(split: SplitModel) -> BudgetChoice:
-    """Time forwards of 1, 2, 4, ... rows of 64 tokens until throughput stops improving."""
+    """Fit forward time as `fixed + per_token * tokens` from two small shapes, then take the
+    smallest power-of-two budget at which the fixed per-forward cost (Python, kernel launches,
+    small-matrix inefficiency) is at most 5% of a forward. Costs ~200 tokens of compute."""
     _body_forward(split, 1, _CPU_PROBE_ROW_TOKENS)  # warm-up: allocator, thread pool, kernels
     probes: list[dict[str, float]] = []
-    spent = 0.0
-    rows = 1
-    while rows * _CPU_PROBE_ROW_TOKENS <= _CPU_MAX_BUDGET:
-        start = time.perf_counter()
-        _body_forward(split, rows, _CPU_PROBE_ROW_TOKENS)
-        seconds = time.perf_counter() - start
-        spent += seconds
-        tokens = rows * _CPU_PROBE_ROW_TOKENS
-        probes.append({"tokens": float(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds})
-        if len(probes) >= 2 and probes[-1]["tokens_per_s"] < probes[-2]["tokens_per_s"] * (1 + _CPU_GAIN_THRESHOLD):
-            break
-        if spent > _CPU_PROBE_SECONDS:
-            break
-        rows *= 2
-    best = max(p["tokens_per_s"] for p in probes)
-    good_enough = [p for p in probes if p["tokens_per_s"] >= best * (1 - _CPU_GAIN_THRESHOLD)]
-    budget = max(_CPU_MIN_BUDGET, int(min(p["tokens"] for p in good_enough)))
-    return BudgetChoice(token_budget=budget, method="cpu-throughput-probe", probes=probes)
+    for rows in _CPU_PROBE_ROWS:
+        best = float("inf")
+        for _ in range(_CPU_PROBE_REPEATS):  # min of repeats: other load on the machine only adds time
+            start = time.perf_counter()
+            _body_forward(split, rows, _CPU_PROBE_ROW_TOKENS)
+            best = min(best, time.perf_counter() - start)
+        probes.append({"tokens": float(rows * _CPU_PROBE_ROW_TOKENS), "seconds": best})
+    (n1, t1), (n2, t2) = ((p["tokens"], p["seconds"]) for p in probes)
+    per_token = max((t2 - t1) / (n2 - n1), 1e-9)
+    fixed = max(t1 - per_token * n1, 0.0)
+    needed = fixed * (1 - _CPU_OVERHEAD_SHARE) / (_CPU_OVERHEAD_SHARE * per_token)
+    budget = _CPU_MIN_BUDGET
+    while budget < needed and budget < _CPU_MAX_BUDGET:
+        budget *= 2
+    probes.append({"fixed_seconds": fixed, "seconds_per_token": per_token})
+    return BudgetChoice(token_budget=budget, method="cpu-overhead-fit", probes=probes)
 
 
 def probe_cuda_budget(split: SplitModel, max_length: int) -> BudgetChoice:

@@ -82,7 +82,7 @@ def _sample(logits: torch.Tensor, settings: DecodeSettings, generators: list[tor
     return torch.cat(draws)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     split: SplitModel,
     prompts: Sequence[Sequence[int]],

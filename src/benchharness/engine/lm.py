@@ -33,7 +33,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from benchharness.engine.autobatch import BudgetChoice, find_token_budget
-from benchharness.engine.batching import PackedRow, TokenRequest, pack_rows, plan_batches
+from benchharness.engine.batching import PackedRow, TokenRequest, minimum_tokens, pack_rows, plan_batches
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.scoring import score_rows
@@ -54,6 +54,7 @@ class EngineStats:
     score_padded_tokens: int = 0  # tokens the body computed, padding included
     score_row_tokens: int = 0  # tokens in the packed rows
     score_output_rows: int = 0  # rows through the output layer
+    score_min_tokens: int = 0  # the fewest tokens the requests need (each context and prefix once)
     generate_requests: int = 0
     generate_batches: int = 0
     prefill_tokens: int = 0
@@ -284,6 +285,7 @@ class BenchEngineLM(TemplateLM):
         for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):
             self._score_with_backoff([rows[i] for i in batch], results)
         self.stats.score_requests += len(requests)
+        self.stats.score_min_tokens += minimum_tokens(requests, self.max_length)
         return results
 
     def _score_with_backoff(self, rows: list[PackedRow], results: dict[int, tuple[float, bool]]) -> None:

@@ -102,7 +102,7 @@ def _is_chain(row: PackedRow) -> bool:
     return all(parent == index - 1 for index, parent in enumerate(row.parents))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_rows(
     split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int
 ) -> tuple[dict[int, tuple[float, bool]], BatchCounts]:
