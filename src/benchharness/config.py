@@ -53,6 +53,9 @@ class ExperimentFile(_Strict):
     description: str = ""
     catalog: Path = Path("../models.yaml")
     tasks_dir: Path = Path("../tasks")
+    include_paths: list[Path] = Field(default_factory=list, description="more folders of lm-eval task YAMLs")
+    data_sources: dict[str, Path] = Field(default_factory=dict, description="suite or data name -> local folder of its raw data")
+    chat_template: bool = Field(default=False, description="evaluate instruction-tuned models through their chat template")
     models: list[str | dict[str, Any]] = Field(min_length=1)
     suites: list[str | SuiteSpec] = Field(min_length=1)
     engine: Literal["hf", "benchharness"] = "hf"
@@ -70,6 +73,9 @@ class Experiment(_Strict):
     source_file: Path
     catalog: Path
     tasks_dir: Path
+    include_paths: list[Path]
+    data_sources: dict[str, Path]
+    chat_template: bool
     models: list[ModelEntry]
     suites: list[SuiteSpec]
     engine: Literal["hf", "benchharness"]
@@ -80,7 +86,7 @@ class Experiment(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """The content that decides results (paths of this machine left out), for hashing and the manifest."""
-        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "output_dir", "description"})
+        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description"})
         return data
 
     def config_hash(self) -> str:
@@ -109,6 +115,10 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
     tasks_dir = _relative_to(base, spec.tasks_dir)
     if not tasks_dir.is_dir():
         raise ConfigError(f"{path}: tasks_dir: folder {tasks_dir} not found. Fix: point tasks_dir at the folder of task YAMLs (default ../tasks).")
+    include_paths = [_relative_to(base, p) for p in spec.include_paths]
+    for i, folder in enumerate(include_paths):
+        if not folder.is_dir():
+            raise ConfigError(f"{path}: include_paths[{i}]: folder {folder} not found. Fix: name an existing folder of lm-eval task YAMLs.")
     catalog = load_catalog(catalog_path)
     overrides = overrides or Overrides()
 
@@ -139,6 +149,9 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         source_file=path,
         catalog=catalog_path,
         tasks_dir=tasks_dir,
+        include_paths=include_paths,
+        data_sources={name: _relative_to(base, folder) for name, folder in spec.data_sources.items()},
+        chat_template=spec.chat_template,
         models=models,
         suites=suites,
         engine=overrides.engine or spec.engine,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from benchharness.catalog import ModelEntry
 from benchharness.config import Experiment, SuiteSpec
-from benchharness.data import PreparedSuite, Suite, get_suite, prepare_suite, render_tasks
+from benchharness.data import SUITES, check_task_data_offline, prepare_suite, render_tasks
 from benchharness.errors import HarnessError
 from benchharness.manifest import fingerprint_sha256, initial_manifest
 from benchharness.metered import MeteredLM
@@ -39,9 +39,12 @@ PROMPT_FIELDS = ("description", "doc_to_text", "doc_to_choice", "doc_to_target",
 
 @dataclass(frozen=True)
 class PlannedSuite:
+    """A suite to run: a harness suite over prepared data, or a stock/user lm-eval task or group."""
+
     spec: SuiteSpec
-    suite: Suite
-    prepared: PreparedSuite
+    task: str
+    fingerprint: str | None  # of the prepared data; None for tasks whose data the harness does not prepare
+    n_items: int | None
 
 
 def new_run_id(experiment: Experiment, now: dt.datetime | None = None) -> str:
@@ -49,13 +52,37 @@ def new_run_id(experiment: Experiment, now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{experiment.config_hash()}"
 
 
-def prepare_suites(experiment: Experiment, cache_dir: Path) -> tuple[list[PlannedSuite], Path]:
-    """Look up and prepare every suite, render the task YAMLs; returns the plan and the rendered task folder."""
-    suites = [(spec, get_suite(spec.name)) for spec in experiment.suites]
+def plan_suites(experiment: Experiment, cache_dir: Path) -> tuple[list[PlannedSuite], Any]:
+    """Prepare the harness's suites, render the task YAMLs, check the other tasks exist and have data.
+
+    Returns the plan and the lm-eval TaskManager that knows every task in it.
+    """
+    from lm_eval.tasks import TaskManager
+
     data_root = cache_dir / "data"
-    planned = [PlannedSuite(spec, suite, prepare_suite(suite, data_root)) for spec, suite in suites]
-    tasks = render_tasks(experiment.tasks_dir, data_root, cache_dir / "tasks")
-    return planned, tasks
+    planned: list[PlannedSuite] = []
+    stock: list[SuiteSpec] = []
+    for spec in experiment.suites:
+        if spec.name in SUITES:
+            prepared = prepare_suite(SUITES[spec.name], data_root, sources=experiment.data_sources)
+            planned.append(PlannedSuite(spec, prepared.task, prepared.fingerprint, prepared.n_items))
+        else:
+            stock.append(spec)
+            planned.append(PlannedSuite(spec, spec.name, None, None))
+    tasks_dir = render_tasks(experiment.tasks_dir, data_root, cache_dir / "tasks")
+    # Indexing lm-eval's task folders takes seconds: do it once per run.
+    manager = TaskManager(include_path=[str(tasks_dir), *map(str, experiment.include_paths)])
+    for spec in stock:
+        if spec.name not in manager.all_tasks:
+            raise HarnessError(
+                f"{experiment.source_file}: suites: unknown suite '{spec.name}': neither a harness suite ({', '.join(SUITES)}) "
+                "nor an lm-eval task or group. Fix: check the name (`benchharness suites`, `lm_eval ls tasks`) or add its YAML folder to include_paths."
+            )
+        for task in manager.load([spec.name])["tasks"].values():
+            problem = check_task_data_offline(task.config.to_dict() if hasattr(task.config, "to_dict") else dict(task.config))
+            if problem:
+                raise HarnessError(f"{experiment.source_file}: suites: {problem}")
+    return planned, manager
 
 
 def check_output_writable(folder: Path) -> None:
@@ -91,7 +118,7 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
     previous = _resumable_manifest(store, experiment) if resume is not None else None
 
     log.info("stage 1/3: preparing suite data")
-    planned, tasks_dir = prepare_suites(experiment, cache_dir)
+    planned, task_manager = plan_suites(experiment, cache_dir)
     log.info("stage 2/3: resolving model weights")
     resolved = {m.name: resolve_model(m, cache_dir) for m in experiment.models}
     device = pick_device(experiment.inference.device)
@@ -100,7 +127,7 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
 
     if previous is None:
         store.folder.mkdir(parents=True)
-        data_fingerprints = {p.spec.name: p.prepared.fingerprint for p in planned}
+        data_fingerprints = {p.spec.name: p.fingerprint for p in planned}
         manifest = initial_manifest(experiment, store.folder.name, started, data_fingerprints, resolved, device, dtype, hardware_info())
         score_rows: list[dict[str, Any]] = []
         speed_rows: list[dict[str, Any]] = []
@@ -119,10 +146,6 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
         limits = measure_machine_limits(device, getattr(torch, dtype), min_seconds=experiment.speed.limits_min_seconds)
         manifest["limits"] = limits.to_dict()
     log.info("stage 3/3: evaluating -> %s", store.folder)
-    from lm_eval.tasks import TaskManager
-
-    # Indexing lm-eval's task folders takes seconds: do it once per run.
-    task_manager = TaskManager(include_path=str(tasks_dir))
     status = "failed"
     try:
         done = {tuple(pair) for pair in manifest["completed_suites"]}
@@ -168,7 +191,7 @@ def _check_same_inputs(store: RunStore, manifest: dict[str, Any], planned: list[
         if recorded["weights_sha256"].get(name) != res.weights_sha256:
             raise HarnessError(f"--resume {store.folder}: the weights of {name} changed since the run started. Fix: start a new run.")
     for item in planned:
-        if recorded["data_fingerprints"].get(item.spec.name) != item.prepared.fingerprint:
+        if recorded["data_fingerprints"].get(item.spec.name) != item.fingerprint:
             raise HarnessError(f"--resume {store.folder}: the data of suite {item.spec.name} changed since the run started. Fix: start a new run.")
 
 
@@ -218,6 +241,9 @@ def _evaluate_model(
     lm, batch_info = make_lm(experiment, model, tokenizer, device)
     info = manifest["models"][entry.name]
     info["batch"] = batch_info
+    # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
+    chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
+    info["chat_template"] = chat
     info["load_seconds"] = round(load.seconds, 3)
     flops_per_token = model_flops_per_token(model)
 
@@ -228,7 +254,7 @@ def _evaluate_model(
         metered.reset()
         wall = time.perf_counter()
         with MemorySampler(device) as memory:
-            results = evaluate_task(metered, item.suite.task, task_manager, item.spec, experiment.seed, request_cache=store.folder / "cache" / entry.name)
+            results = evaluate_task(metered, item.task, task_manager, item.spec, experiment.seed, chat, request_cache=store.folder / "cache" / entry.name)
         wall = time.perf_counter() - wall
         for task_name, samples in results["samples"].items():
             records = [sample_record(s) for s in samples]
@@ -237,20 +263,24 @@ def _evaluate_model(
             task_prompt_hash = prompt_hash(results["configs"][task_name])
             manifest["tasks"][task_name] = {
                 "suite": item.spec.name,
-                "data_fingerprint": item.prepared.fingerprint,
+                "data_fingerprint": item.fingerprint,
                 "prompt_hash": task_prompt_hash,
                 "num_fewshot": results.get("n-shot", {}).get(task_name),
                 "limit": item.spec.limit,
                 "n": len(records),
-                "n_available": item.prepared.n_items,
+                "n_available": item.n_items,
             }
             manifest["fingerprint"]["prompt_hashes"][task_name] = task_prompt_hash
             manifest["completed"].append([entry.name, task_name])
-        speed_rows.extend(_eval_rows(entry, item.suite.task, metered, batch_info, memory.peak_memory_mb, flops_per_token, limits))
-        info.setdefault("eval_wall_seconds", {})[item.suite.task] = round(wall, 3)
+        for group in [name for name in results["results"] if name not in results["samples"]]:
+            # A group's score is lm-eval's aggregate of its tasks (the macro average where the YAML says so).
+            n = sum(len(results["samples"].get(t, [])) for t in results.get("group_subtasks", {}).get(group, []))
+            score_rows.extend(score_rows_for(entry, item.spec.name, group, results["results"][group], [], experiment.seed, n=n))
+        speed_rows.extend(_eval_rows(entry, item.task, metered, batch_info, memory.peak_memory_mb, flops_per_token, limits))
+        info.setdefault("eval_wall_seconds", {})[item.task] = round(wall, 3)
         # Requests answered by the model now, and from the request cache of an interrupted attempt.
         total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
-        info.setdefault("requests", {})[item.suite.task] = {"computed": metered.requests, "cached": total - metered.requests}
+        info.setdefault("requests", {})[item.task] = {"computed": metered.requests, "cached": total - metered.requests}
         manifest["completed_suites"].append([entry.name, item.spec.name])
         # Tables first, manifest last: the manifest never names a suite whose rows are missing.
         _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
@@ -284,7 +314,7 @@ def _eval_rows(
         rows.append({
             **_row(entry, task=task, phase=phase, batch=batch_info.get("batch_size"), tokens=tokens, reps=1),
             "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
-            "achieved_flops": achieved, "flops_efficiency": achieved / limits.matmul_flops.median if limits else None,
+            "achieved_flops": achieved, "flops_efficiency": achieved / limits.peak_flops if limits else None,
         })
     return rows
 
@@ -307,7 +337,7 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     return lm, {"engine": "benchharness", **lm.batch_info}
 
 
-def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, request_cache: Path | None = None) -> dict[str, Any]:
+def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool = False, request_cache: Path | None = None) -> dict[str, Any]:
     """One suite through lm-eval. `request_cache` (a path prefix) keeps every answered request in
     SQLite as it is computed, so a resumed run skips what an interrupted one finished."""
     import lm_eval
@@ -324,6 +354,7 @@ def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: 
         torch_random_seed=seed,
         fewshot_random_seed=seed,
         bootstrap_iters=0,
+        apply_chat_template=chat_template,
         use_cache=str(request_cache) if request_cache is not None else None,
     )
     if results is None:
@@ -340,6 +371,7 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
         "subject": doc.get("subject"),
         "prompt_hash": sample.get("prompt_hash"),
         "doc_hash": sample.get("doc_hash"),
+        "filter": sample.get("filter", "none"),
         "target": sample.get("target"),
         "metrics": metrics,
     }
@@ -356,7 +388,13 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def score_rows_for(entry: ModelEntry, suite: str, task: str, task_results: dict[str, Any], records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+def score_rows_for(
+    entry: ModelEntry, suite: str, task: str, task_results: dict[str, Any], records: list[dict[str, Any]], seed: int, n: int | None = None,
+) -> list[dict[str, Any]]:
+    """scores.csv rows of one task: stderr and a seeded bootstrap CI from the per-item values.
+
+    Without records (a group), stderr is lm-eval's pooled one and the CI is left empty.
+    """
     from benchharness.stats import bootstrap_ci, mean_stderr
 
     rows = []
@@ -364,13 +402,16 @@ def score_rows_for(entry: ModelEntry, suite: str, task: str, task_results: dict[
         metric, _, filt = key.partition(",")
         if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
-        per_item = [float(r["metrics"][metric]) for r in records if metric in r["metrics"]]
+        # A task with several filters (e.g. GSM8K's answer extractors) logs each item once per filter.
+        per_item = [float(r["metrics"][metric]) for r in records if metric in r["metrics"] and r.get("filter", "none") == filt]
         low, high = bootstrap_ci(per_item, seed=seed) if per_item else (None, None)
+        pooled = task_results.get(f"{metric}_stderr,{filt}")
+        stderr = mean_stderr(per_item) if per_item else (float(pooled) if isinstance(pooled, (int, float)) else None)
         rows.append(
             {
                 "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
                 "metric": metric if filt == "none" else f"{metric},{filt}", "value": float(value),
-                "stderr": mean_stderr(per_item) if per_item else None, "ci_low": low, "ci_high": high, "n": len(per_item),
+                "stderr": stderr, "ci_low": low, "ci_high": high, "n": len(per_item) if per_item else n,
             }
         )
     return rows

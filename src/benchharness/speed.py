@@ -23,8 +23,8 @@ def run_speed_only(experiment: Experiment, cache_dir: Path) -> str:
     log.info("measuring this machine's matmul FLOP/s and memory bandwidth (%s, %s)", device, dtype)
     limits = measure_machine_limits(device, getattr(torch, dtype), min_seconds=spec.limits_min_seconds)
     lines = [
-        f"device {device}, dtype {dtype}: matmul {limits.matmul_flops.median / 1e9:.1f} GFLOP/s, "
-        f"memory bandwidth {limits.memory_bandwidth.median / 1e9:.1f} GB/s (medians)"
+        f"device {device}, dtype {dtype}: matmul {limits.peak_flops / 1e9:.1f} GFLOP/s, "
+        f"memory read bandwidth {limits.peak_bandwidth / 1e9:.1f} GB/s (fastest of the timed runs)"
     ]
     for entry in experiment.models:
         model, tokenizer = load_model(resolved[entry.name], entry, dtype, device)

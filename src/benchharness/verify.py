@@ -53,7 +53,8 @@ def _scores_match_samples(folder: Path) -> list[str]:
         if not samples.is_file():
             continue
         lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").split("\n") if line.strip()]
-        values = [float(r["metrics"][row.metric]) for r in lines if row.metric in r.get("metrics", {})]
+        metric, _, filt = str(row.metric).partition(",")
+        values = [float(r["metrics"][metric]) for r in lines if metric in r.get("metrics", {}) and r.get("filter", "none") == (filt or "none")]
         if not values:
             continue
         mean = sum(values) / len(values)
