@@ -131,6 +131,15 @@ def _kill_session(proc: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    # SIGKILL reaches a PID namespace's other processes asynchronously: wait (briefly) until
+    # the group is empty, so the caller never sees a sandbox still running.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
 
 
 def _read_status(fd: int) -> dict[str, Any]:
@@ -168,7 +177,8 @@ def _result(returncode: int | None, timed_out: bool, seconds: float, stdout: str
         sig = signal.Signals(-returncode)
         why = {
             signal.SIGXCPU: f"CPU time limit ({limits.cpu_s} s)", signal.SIGXFSZ: f"file size limit ({limits.file_size_mb} MiB)",
-            signal.SIGKILL: "killed (SIGKILL)", signal.SIGSEGV: "crashed (SIGSEGV)",
+            # As a PID namespace's init the program ignores SIGXCPU, so the CPU limit ends it with SIGKILL.
+            signal.SIGKILL: f"killed (SIGKILL): CPU time limit ({limits.cpu_s} s) or out of memory", signal.SIGSEGV: "crashed (SIGSEGV)",
         }.get(sig, f"killed by {sig.name}")
         return make("failed", why)
     return make("failed", _last_line(stderr) or f"exit status {returncode}")
@@ -377,13 +387,14 @@ def guard():
 os.chdir(cfg["work"])
 with open(cfg["program"], encoding="utf-8") as fh:
     source = fh.read()
-code = compile(source, cfg["program"], "exec")
 status["python_guard"] = bool(cfg["python_guard"])
 status["ready"] = True
 os.write(cfg["status_fd"], json.dumps(status).encode())
 os.close(cfg["status_fd"])
 if cfg["python_guard"]:
     guard()
+program = cfg["program"]
 del cfg, libc
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+# Compiled only now: a syntax error is the program's failure, not the sandbox's.
+exec(compile(source, program, "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 '''
