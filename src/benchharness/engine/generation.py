@@ -90,7 +90,7 @@ def generate_batch(
     pad_token_id: int,
     decode: Callable[[list[int]], str],
 ) -> tuple[list[list[int]], DecodeCounts]:
-    """Generate for a batch of tokenized prompts; return the new tokens per prompt (EOS excluded).
+    """Generate for a batch of tokenized prompts; return the new tokens per prompt (a final EOS included).
 
     A sequence stops at an EOS id, when its decoded text contains a stop string,
     or after `max_new_tokens`; it then leaves the batch (its cache rows are dropped).
@@ -137,9 +137,11 @@ def generate_batch(
         keep: list[int] = []
         for row, token in enumerate(next_tokens.tolist()):
             original = active[row]
-            if token in settings.eos_token_ids:
-                continue  # EOS: finished, and (as with skip_special_tokens) not part of the text
             outputs[original].append(token)
+            if token in settings.eos_token_ids:
+                # Finished. The EOS token stays in the output, as in transformers.generate: decoding
+                # with skip_special_tokens drops it when it is a special token, as lm-eval's hf does.
+                continue
             if histories:
                 histories[original].append(token)
             if len(outputs[original]) >= settings.max_new_tokens:
