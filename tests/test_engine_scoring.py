@@ -144,9 +144,11 @@ def test_scores_do_not_depend_on_batching(arch, add_bos):
     tuned_engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
     tuned = tuned_engine.loglikelihood(requests)
     # A tiny budget splits context groups over several rows: still the same scores.
-    split = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens=24).loglikelihood(
-        requests
+    split_engine = BenchEngineLM(
+        model=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens=24, max_row_tokens=24
     )
+    split = split_engine.loglikelihood(requests)
+    assert split_engine.stats.score_row_tokens > split_engine.stats.score_min_tokens  # contexts were repeated
     assert tuned_engine.stats.score_forwards < len({r.args[0] for r in requests})  # rows were batched
     for other in (tuned, split):
         assert _max_diff(single, other) < 1e-4

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_GEN_TOKS = 256
 _DEFAULT_MAX_ROWS = 64
+_MIN_ROW_SPLIT_TOKENS = 2048
 
 
 @dataclass
@@ -79,6 +80,7 @@ class BenchEngineLM(TemplateLM):
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
         seed: int = 1234,
+        max_row_tokens: int | None = None,
         check_model: bool = True,
         **unused: Any,
     ) -> None:
@@ -111,6 +113,7 @@ class BenchEngineLM(TemplateLM):
             if self._max_rows < 1:
                 raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
         self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens else None
+        self._max_row_tokens = int(max_row_tokens) if max_row_tokens else None
         self._budget: BudgetChoice | None = None
         if self._max_batch_tokens is not None:
             self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
@@ -279,7 +282,12 @@ class BenchEngineLM(TemplateLM):
         if not requests:
             return {}
         budget = self._token_budget()
-        rows = pack_rows(requests, self.max_length, max_row_tokens=budget)
+        # A context group is split over rows (repeating the context) only when its tree is far
+        # beyond the budget: splitting wastes context tokens, a long row only costs attention.
+        max_row_tokens = self._max_row_tokens
+        if max_row_tokens is None and budget is not None:
+            max_row_tokens = max(4 * budget, _MIN_ROW_SPLIT_TOKENS)
+        rows = pack_rows(requests, self.max_length, max_row_tokens=max_row_tokens)
         batches = plan_batches(rows, token_budget=budget, max_rows=None if self._auto else self._max_rows)
         results: dict[int, tuple[float, bool]] = {}
         for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):

