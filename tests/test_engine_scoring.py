@@ -9,7 +9,14 @@ from lm_eval.models.huggingface import HFLM
 from test_engine_support import make_model, make_tokenizer, mmlu_docs
 
 from benchharness.engine import BenchEngineLM
-from benchharness.engine.batching import TokenRequest, minimum_tokens, pack_rows, plan_batches, truncate_request
+from benchharness.engine.batching import (
+    TokenRequest,
+    concatenate_rows,
+    minimum_tokens,
+    pack_rows,
+    plan_batches,
+    truncate_request,
+)
 from benchharness.engine.scoring import ancestor_mask
 
 ARCHS = [("llama", False), ("qwen2", False), ("gemma3", True)]
@@ -65,16 +72,31 @@ def test_truncate_request_keeps_the_window_hflm_feeds():
     assert truncate_request(request, max_length=20) is request
 
 
-def test_plan_batches_sorts_longest_first_and_keeps_padded_size_within_budget():
-    rows = pack_rows([TokenRequest(i, tuple(range(n)), (99,)) for i, n in enumerate([5, 30, 12, 8, 29, 3])], 100)
-    batches = plan_batches(rows, token_budget=60, max_rows=None)
-    lengths = [[len(rows[i]) for i in b] for b in batches]
-    assert lengths[0][0] == 30
-    for batch in lengths:
-        assert batch == sorted(batch, reverse=True)
-        assert len(batch) == 1 or len(batch) * batch[0] <= 60
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    assert all(len(b) <= 2 for b in plan_batches(rows, token_budget=None, max_rows=2))
+def test_plan_batches_sorts_longest_first_packs_lanes_and_keeps_padded_size_within_budget():
+    lengths = [5, 30, 12, 8, 29, 3, 17]
+    rows = pack_rows([TokenRequest(i, tuple(range(n)), (99,)) for i, n in enumerate(lengths)], 100)
+    batches = plan_batches(rows, token_budget=60, max_lanes=None)
+    assert len(rows[batches[0][0][0]]) == 30  # the longest row comes first
+    for lanes in batches:
+        lane_length = max(sum(len(rows[i]) for i in lane) for lane in lanes)
+        assert len(lanes) == 1 or len(lanes) * lane_length <= 60
+        assert lane_length == len(rows[lanes[0][0]])  # no lane longer than its batch's first row
+    assert sorted(i for lanes in batches for lane in lanes for i in lane) == list(range(len(rows)))
+    # 104 tokens in lanes of 30 and 29: shorter rows fill the gaps, padding stays small
+    padded = sum(len(lanes) * len(rows[lanes[0][0]]) for lanes in batches)
+    assert padded <= 120
+    assert all(len(lanes) <= 2 for lanes in plan_batches(rows, token_budget=None, max_lanes=2))
+
+
+def test_concatenated_rows_keep_their_positions_and_see_only_themselves():
+    rows = pack_rows([TokenRequest(0, (1, 2), (3, 4)), TokenRequest(1, (7, 8, 9), (5,))], 100)
+    lane = concatenate_rows(rows)
+    assert lane.tokens == [1, 2, 3, 7, 8, 9]
+    assert lane.positions == [0, 1, 2, 0, 1, 2]
+    assert lane.parents == [-1, 0, 1, -1, 3, 4]
+    assert {s.index: s.nodes for s in lane.scored} == {0: [1, 2], 1: [5]}
+    mask = ancestor_mask(lane.parents)
+    assert not mask[3:, :3].any() and not mask[:3, 3:].any()
 
 
 def test_ancestor_mask_of_a_tree():

@@ -7,7 +7,8 @@ that share leading tokens share those too. Each tree node is one input token; it
 attends to its ancestors only (the attention mask is built in `scoring.py`).
 
 Rows are sorted by length (longest first, so an out-of-memory shows up at once)
-and cut into batches whose padded size stays within a token budget.
+and packed into lanes of equal length (several short trees may share a lane, each
+seeing only itself), batches of lanes whose padded size stays within a token budget.
 """
 
 from __future__ import annotations
@@ -122,26 +123,54 @@ def _add_branch(row: PackedRow, children: dict[tuple[int, int], int], request: T
     row.scored.append(ScoredRequest(index=request.index, nodes=nodes, targets=list(request.continuation)))
 
 
-def plan_batches(rows: Sequence[PackedRow], token_budget: int | None, max_rows: int | None) -> list[list[int]]:
-    """Indices of rows per batch: longest first, padded size (rows x longest) within the budget.
+def plan_batches(rows: Sequence[PackedRow], token_budget: int | None, max_lanes: int | None) -> list[list[list[int]]]:
+    """Rows per lane per batch: each batch is lanes of one length, lanes x length within the budget.
 
-    A row longer than the budget forms a batch of its own.
+    The lane length is the longest row left (rows go longest first, so an out-of-memory
+    shows up at once); shorter rows are packed first-fit into lanes one after another,
+    so padding is only what no remaining row fits into. A row longer than the budget
+    forms a batch of its own.
     """
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i].tokens))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current:
-            padded_length = len(rows[current[0]])  # sorted: the first row is the longest
-            too_many_tokens = token_budget is not None and (len(current) + 1) * padded_length > token_budget
-            too_many_rows = max_rows is not None and len(current) >= max_rows
-            if too_many_tokens or too_many_rows:
-                batches.append(current)
-                current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+    remaining = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i].tokens))
+    batches: list[list[list[int]]] = []
+    while remaining:
+        lane_length = len(rows[remaining[0]])
+        lane_cap = max(1, token_budget // lane_length) if token_budget is not None else len(remaining)
+        if max_lanes is not None:
+            lane_cap = min(lane_cap, max_lanes)
+        lanes: list[list[int]] = []
+        room: list[int] = []
+        left: list[int] = []
+        for index in remaining:
+            size = len(rows[index])
+            lane = next((k for k, free in enumerate(room) if free >= size), None)
+            if lane is None and len(lanes) < lane_cap:
+                lanes.append([])
+                room.append(lane_length)
+                lane = len(lanes) - 1
+            if lane is None:
+                left.append(index)
+                continue
+            lanes[lane].append(index)
+            room[lane] -= size
+        batches.append(lanes)
+        remaining = left
     return batches
+
+
+def concatenate_rows(rows: Sequence[PackedRow]) -> PackedRow:
+    """Several trees one after another in one lane: each keeps its positions and sees only itself."""
+    lane = PackedRow()
+    for row in rows:
+        offset = len(lane)
+        lane.tokens.extend(row.tokens)
+        lane.positions.extend(row.positions)
+        lane.parents.extend(p + offset if p >= 0 else -1 for p in row.parents)
+        lane.scored.extend(
+            ScoredRequest(index=s.index, nodes=[n + offset for n in s.nodes], targets=list(s.targets))
+            for s in row.scored
+        )
+    return lane
 
 
 def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:

@@ -33,7 +33,14 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from benchharness.engine.autobatch import BudgetChoice, find_token_budget
-from benchharness.engine.batching import PackedRow, TokenRequest, minimum_tokens, pack_rows, plan_batches
+from benchharness.engine.batching import (
+    PackedRow,
+    TokenRequest,
+    concatenate_rows,
+    minimum_tokens,
+    pack_rows,
+    plan_batches,
+)
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.scoring import score_rows
@@ -288,10 +295,11 @@ class BenchEngineLM(TemplateLM):
         if max_row_tokens is None and budget is not None:
             max_row_tokens = max(4 * budget, _MIN_ROW_SPLIT_TOKENS)
         rows = pack_rows(requests, self.max_length, max_row_tokens=max_row_tokens)
-        batches = plan_batches(rows, token_budget=budget, max_rows=None if self._auto else self._max_rows)
+        batches = plan_batches(rows, token_budget=budget, max_lanes=None if self._auto else self._max_rows)
         results: dict[int, tuple[float, bool]] = {}
         for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):
-            self._score_with_backoff([rows[i] for i in batch], results)
+            lanes = [concatenate_rows([rows[i] for i in lane]) for lane in batch]
+            self._score_with_backoff(lanes, results)
         self.stats.score_requests += len(requests)
         self.stats.score_min_tokens += minimum_tokens(requests, self.max_length)
         return results
