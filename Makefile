@@ -10,6 +10,10 @@ CONFIG ?= configs/experiments/default.yaml
 # The CPU build of torch that the reference run used; a GPU machine keeps whatever torch it has.
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# CMMLU is not in any registry: tests, CI and the suites run read it from ../shared/data beside the checkout.
+ifneq ($(wildcard ../shared/data/cmmlu/test),)
+export BENCHHARNESS_CMMLU_DIR ?= $(abspath ../shared/data/cmmlu)
+endif
 
 .PHONY: install bench report test test-fast prepare models suites clean-venv
 

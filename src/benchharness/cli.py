@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare", help="prepare suite data into the cache")
     prepare.add_argument("suites", nargs="*", default=["all"])
+    prepare.add_argument("--tasks-dir", type=Path, default=Path("configs/tasks"), help="task YAMLs to render (default configs/tasks)")
 
     fetch = sub.add_parser("fetch", help="resolve models into the cache (assemble, verify, convert)")
     fetch.add_argument("models", nargs="+")
@@ -152,10 +153,15 @@ def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
 def cmd_suites(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.data import SUITES
 
-    print(f"{'suite':10} {'lm-eval task':12} {'items':>6}  {'license':8} available  source")
     for suite in SUITES.values():
         ok, detail = suite.availability()
-        print(f"{suite.name:10} {suite.task:12} {suite.items:6d}  {suite.license:8} {'yes' if ok else 'no':9}  {suite.source}" + ("" if ok else f"  [{detail}]"))
+        print(f"{suite.name}  (lm-eval task {suite.task}, {suite.items:,} items, available here: {'yes' if ok else 'no'})")
+        print(f"    {suite.description}")
+        print(f"    source: {suite.source}; license: {suite.license}")
+        if suite.metric_note:
+            print(f"    score: {suite.metric_note}")
+        if not ok:
+            print(f"    missing: {detail}")
     return 0
 
 
@@ -164,9 +170,14 @@ def cmd_prepare(args: argparse.Namespace, cache_dir: Path) -> int:
 
     names = list(SUITES) if args.suites == ["all"] else args.suites
     for name in names:
-        prepared = prepare_suite(get_suite(name), cache_dir / "data")
+        suite = get_suite(name)
+        ok, detail = suite.availability()
+        if not ok and args.suites == ["all"]:
+            print(f"{name}: skipped, data not available here ({detail})")
+            continue
+        prepared = prepare_suite(suite, cache_dir / "data")
         print(f"{prepared.name}: {prepared.n_items} items in {prepared.folder} (fingerprint {prepared.fingerprint[:16]})")
-    tasks = render_tasks(Path("configs/tasks"), cache_dir / "data", cache_dir / "tasks")
+    tasks = render_tasks(args.tasks_dir, cache_dir / "data", cache_dir / "tasks")
     print(f"task YAMLs for lm-eval: {tasks}  (lm_eval --include_path {tasks} --tasks bh_mmlu ...)")
     return 0
 

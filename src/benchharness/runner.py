@@ -27,6 +27,7 @@ from benchharness.data import SUITES, check_task_data_offline, prepare_suite, re
 from benchharness.errors import HarnessError
 from benchharness.manifest import fingerprint_sha256, initial_manifest
 from benchharness.metered import MeteredLM
+from benchharness.scoring import macro_average, subject_scores
 from benchharness.perf import MachineLimits, MemorySampler, hardware_info, load_timer, measure_machine_limits, model_flops_per_token, run_speed_probe
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore
@@ -260,6 +261,7 @@ def _evaluate_model(
             records = [sample_record(s) for s in samples]
             _record_file(store, manifest, store.write_samples(entry.name, task_name, records))
             score_rows.extend(score_rows_for(entry, item.spec.name, task_name, results["results"][task_name], records, experiment.seed))
+            score_rows.extend(macro_rows(entry, item.spec.name, task_name, records))
             task_prompt_hash = prompt_hash(results["configs"][task_name])
             manifest["tasks"][task_name] = {
                 "suite": item.spec.name,
@@ -415,6 +417,17 @@ def score_rows_for(
             }
         )
     return rows
+
+
+def macro_rows(entry: ModelEntry, suite: str, task: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`acc_macro`: the mean over subjects of per-subject accuracy (MMLU's headline), for tasks whose items have subjects."""
+    scores = subject_scores(records, metric="acc")
+    if len(scores) < 2:
+        return []
+    return [{
+        "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
+        "metric": "acc_macro", "value": macro_average(scores), "stderr": None, "ci_low": None, "ci_high": None, "n": len(records),
+    }]
 
 
 def prompt_hash(task_config: dict[str, Any]) -> str:
