@@ -239,9 +239,8 @@ def _evaluate_model(
     speed_rows.append(load.row(entry.name, entry.origin).to_dict())
     if resolved.converted_now:
         speed_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
-    lm, batch_info = make_lm(experiment, model, tokenizer, device)
+    lm = make_lm(experiment, model, tokenizer, device)
     info = manifest["models"][entry.name]
-    info["batch"] = batch_info
     # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
     info["chat_template"] = chat
@@ -278,7 +277,9 @@ def _evaluate_model(
             # A group's score is lm-eval's aggregate of its tasks (the macro average where the YAML says so).
             n = sum(len(results["samples"].get(t, [])) for t in results.get("group_subtasks", {}).get(group, []))
             score_rows.extend(score_rows_for(entry, item.spec.name, group, results["results"][group], [], experiment.seed, n=n))
-        speed_rows.extend(_eval_rows(entry, item.task, metered, batch_info, memory.peak_memory_mb, flops_per_token, limits))
+        # The engine picks its batch budget on first use, so read it after the suite ran.
+        info["batch"] = batch_info(experiment, lm)
+        speed_rows.extend(_eval_rows(entry, item.task, metered, experiment.inference.batch_size, memory.peak_memory_mb, flops_per_token, limits))
         info.setdefault("eval_wall_seconds", {})[item.task] = round(wall, 3)
         # Requests answered by the model now, and from the request cache of an interrupted attempt.
         total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
@@ -300,7 +301,7 @@ def _evaluate_model(
 
 
 def _eval_rows(
-    entry: ModelEntry, task: str, metered: MeteredLM, batch_info: dict[str, Any], peak_mb: float,
+    entry: ModelEntry, task: str, metered: MeteredLM, batch_size: int | str, peak_mb: float,
     flops_per_token: float, limits: MachineLimits | None,
 ) -> list[dict[str, Any]]:
     """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second."""
@@ -314,7 +315,8 @@ def _eval_rows(
         rate = tokens / seconds
         achieved = flops_per_token * rate
         rows.append({
-            **_row(entry, task=task, phase=phase, batch=batch_info.get("batch_size"), tokens=tokens, reps=1),
+            # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
+            **_row(entry, task=task, phase=phase, batch=batch_size if isinstance(batch_size, int) else None, tokens=tokens, reps=1),
             "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
             "achieved_flops": achieved, "flops_efficiency": achieved / limits.peak_flops if limits else None,
         })
@@ -325,18 +327,24 @@ def _record_file(store: RunStore, manifest: dict[str, Any], path: Path) -> None:
     manifest["files"][str(path.relative_to(store.folder))] = sha256_file(path)
 
 
-def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> tuple[Any, dict[str, Any]]:
-    """The lm-eval model for the configured engine, and how its batch size was chosen."""
+def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> Any:
+    """The lm-eval model for the configured engine."""
     batch_size = experiment.inference.batch_size
     if experiment.engine == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        return lm, {"engine": "hf", "batch_size": batch_size, "how": "configured" if batch_size != "auto" else "lm-eval auto"}
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     from benchharness.engine import BenchEngineLM
 
-    lm = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device)
-    return lm, {"engine": "benchharness", **lm.batch_info}
+    return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device)
+
+
+def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
+    """How the batch size was chosen, for the manifest."""
+    if experiment.engine == "hf":
+        size = experiment.inference.batch_size
+        return {"engine": "hf", "batch_size": getattr(lm, "batch_size", size), "how": "lm-eval auto" if size == "auto" else "configured"}
+    return {"engine": "benchharness", **lm.batch_info}
 
 
 def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool = False, request_cache: Path | None = None) -> dict[str, Any]:
