@@ -119,3 +119,18 @@ def test_bad_command_line_override(tmp_path: Path, tiny_model_dir: Path, capsys:
     code, runs = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir), "--limit", "0")
     assert code == 2 and "--limit" in capsys.readouterr().err
     assert not runs.exists()
+
+
+def test_engines_agree_on_the_tiny_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    catalog = tiny_catalog(tiny_model_dir)
+    assert _run(tmp_path / "hf", BODY, catalog)[0] == 0
+    assert _run(tmp_path / "bh", BODY.replace("engine: hf", "engine: benchharness").replace("batch_size: 4", "batch_size: auto"), catalog)[0] == 0
+    (hf,) = list((tmp_path / "hf" / "cfg" / "runs").iterdir())
+    (bh,) = list((tmp_path / "bh" / "cfg" / "runs").iterdir())
+    ref = read_jsonl(hf / "samples/tiny-llama/bh_mmlu.jsonl")
+    ours = read_jsonl(bh / "samples/tiny-llama/bh_mmlu.jsonl")
+    assert [s["pred"] for s in ours] == [s["pred"] for s in ref]
+    for a, b in zip(ours, ref):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+    manifest = json.loads((bh / "manifest.json").read_text())
+    assert manifest["models"]["tiny-llama"]["batch"]["engine"] == "benchharness"

@@ -58,7 +58,7 @@ class ExperimentFile(_Strict):
     chat_template: bool = Field(default=False, description="evaluate instruction-tuned models through their chat template")
     models: list[str | dict[str, Any]] = Field(min_length=1)
     suites: list[str | SuiteSpec] = Field(min_length=1)
-    engine: Literal["hf", "benchharness"] = "hf"
+    engine: Literal["hf", "benchharness"] = "benchharness"
     inference: InferenceSpec = InferenceSpec()
     seed: int = 1234
     output_dir: Path = Path("results")
