@@ -250,7 +250,7 @@ def _evaluate_model(
     metered = MeteredLM(lm, tokenizer)
     for item in planned:
         pairs.set_postfix_str(f"{entry.name} / {item.spec.name}")
-        log.info("%s: suite %s (limit %s, %s-shot)", entry.name, item.spec.name, item.spec.limit, item.spec.num_fewshot or 0)
+        log.info("%s: suite %s (limit %s, few-shot %s)", entry.name, item.spec.name, item.spec.limit, "task default" if item.spec.num_fewshot is None else item.spec.num_fewshot)
         metered.reset()
         wall = time.perf_counter()
         with MemorySampler(device) as memory:
