@@ -165,7 +165,13 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
         manifest["status"] = status
         manifest["volatile"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
         manifest["fingerprint_sha256"] = fingerprint_sha256(manifest["fingerprint"])
-        store.write_manifest(manifest)
+        try:
+            store.write_manifest(manifest)
+        except HarnessError as exc:
+            if status == "complete":
+                raise
+            # The run already failed; its manifest still says "running", never "complete".
+            log.error("could not record status '%s' in the manifest: %s", status, exc)
         _write_report(store.folder)
     log.info("done: %s", store.folder)
     return store.folder

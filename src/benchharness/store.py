@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from benchharness.errors import HarnessError
+
 SCORE_COLUMNS = ["model", "origin", "build", "suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
 THROUGHPUT_COLUMNS = [
     "model", "origin", "task", "phase", "batch", "prompt_len", "new_tokens", "tokens", "seconds", "tokens_per_s",
@@ -27,18 +29,31 @@ INTEGER_COLUMNS = {"n", "batch", "prompt_len", "new_tokens", "tokens", "reps"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` to `path` through a temporary file in the same folder and a rename.
+
+    On any failure the temporary file is removed and `path` keeps its previous content;
+    an OSError (disk full, permissions) becomes one clear HarnessError naming the file.
+    """
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise HarnessError(f"could not write {path}: {exc.strerror or exc}. Fix: free disk space or choose a writable folder (--output, --cache), then finish the run with --resume.") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
+        Path(tmp).unlink(missing_ok=True)
 
 
 class RunStore:
