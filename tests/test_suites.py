@@ -117,7 +117,18 @@ def test_check_task_data_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert check_task_data_offline({"task": "arc_easy", "dataset_path": "allenai/ai2_arc"}) is None
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    assert check_task_data_offline({"task": "x", "dataset_path": "someone/else"}) is None
+    # Without the offline switches the hub's host is tried once: a listening local stand-in
+    # counts as reachable, a closed port as unreachable.
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert check_task_data_offline({"task": "x", "dataset_path": "someone/else"}) is None
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    message = check_task_data_offline({"task": "x", "dataset_path": "someone/else"})
+    assert message and "unreachable" in message and "someone/else" in message
 
 
 @pytest.mark.integration

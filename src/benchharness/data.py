@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,19 +248,36 @@ def check_task_data_offline(task_config: Mapping[str, Any]) -> str | None:
     task = task_config.get("task", "?")
     if not path or str(path) in _LOCAL_BUILDERS or Path(str(path)).expanduser().exists():
         return None
-    if cmmlu.hub_offline_reason() is None:
-        return None
     if _in_hf_cache(str(path)):
+        return None
+    reason = cmmlu.hub_offline_reason() or hub_unreachable_reason()
+    if reason is None:
         return None
     name = task_config.get("dataset_name")
     spec = f"'{path}'" + (f" (config '{name}')" if name else "")
     load = f"datasets.load_dataset('{path}'" + (f", '{name}'" if name else "") + ")"
     return (
-        f"task '{task}' needs the hub dataset {spec}, and the hub is off here ({cmmlu.hub_offline_reason()}) with no cached copy. "
+        f"task '{task}' needs the hub dataset {spec}, and the hub is off here ({reason}) with no cached copy. "
         f"Fix: where the hub is reachable run `python -c \"import datasets; {load}\"` and copy ~/.cache/huggingface to this machine; "
         f"or save the data as JSONL and write a task YAML with dataset_path: json and dataset_kwargs.data_files pointing at it "
         f"(see configs/tasks/bh_gsm8k_cot.yaml), in a folder named in the config's task folders."
     )
+
+
+def hub_unreachable_reason(timeout_s: float = 3.0) -> str | None:
+    """One TCP connection to the hub's host, made only when a task needs hub data that is not cached:
+    without it, `datasets` would retry for half a minute before failing on a machine without internet."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
+    log.info("checking whether the hub (%s) is reachable", endpoint)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{endpoint} unreachable: {exc.strerror or exc}"
+    return None
 
 
 def _in_hf_cache(path: str) -> bool:

@@ -79,11 +79,37 @@ def plan_suites(experiment: Experiment, cache_dir: Path) -> tuple[list[PlannedSu
                 f"{experiment.source_file}: suites: unknown suite '{spec.name}': neither a harness suite ({', '.join(SUITES)}) "
                 "nor an lm-eval task or group. Fix: check the name (`benchharness suites`, `lm_eval ls tasks`) or add its YAML folder to include_paths."
             )
-        for task in manager.load([spec.name])["tasks"].values():
-            problem = check_task_data_offline(task.config.to_dict() if hasattr(task.config, "to_dict") else dict(task.config))
+        # Read the raw YAML configs: building lm-eval's Task objects would already load (download) the data.
+        for config in raw_task_configs(manager, spec.name):
+            problem = check_task_data_offline(config)
             if problem:
                 raise HarnessError(f"{experiment.source_file}: suites: {problem}")
     return planned, manager
+
+
+def raw_task_configs(manager: Any, name: str) -> list[dict[str, Any]]:
+    """The unprocessed configs of the leaf tasks behind a task, group or tag name in lm-eval's index."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(name)
+    if entry is None:
+        return []
+    if entry.kind == Kind.TAG:
+        return [cfg for other in manager.task_index.values() if name in other.tags for cfg in raw_task_configs(manager, other.name)]
+    config = entry.cfg or (load_yaml(entry.yaml_path, resolve_func=False, recursive=True) if entry.yaml_path else {})
+    if entry.kind != Kind.GROUP:
+        return [{"task": name, **config}]
+    children = config.get("task", [])
+    out: list[dict[str, Any]] = []
+    for child in children if isinstance(children, list) else [children]:
+        if isinstance(child, str):
+            out += raw_task_configs(manager, child)
+        elif isinstance(child, dict) and "dataset_path" in child:
+            out.append(child)
+        elif isinstance(child, dict) and isinstance(child.get("task"), str):
+            out += raw_task_configs(manager, child["task"])
+    return out
 
 
 def check_output_writable(folder: Path) -> None:
