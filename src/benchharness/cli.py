@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from benchharness import __version__
+from benchharness.distributed import RankZeroFailed
 from benchharness.errors import HarnessError
 
 log = logging.getLogger("benchharness")
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=["hf", "benchharness"], help="inference engine")
     run.add_argument("--batch-size", type=_batch, help="batch size or 'auto'")
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR", help="finish an interrupted run: the newest unfinished run of this config, or RUN_DIR")
+    run.add_argument(
+        "--processes", type=int, metavar="N",
+        help="run in N processes on this machine (one per GPU, or sharing the CPU) under torch's launcher; same as `torchrun --nproc_per_node N -m benchharness run ...`",
+    )
 
     speed = sub.add_parser("speed", help="run only the fixed-shape speed probe for a config's models")
     speed.add_argument("config", type=Path)
@@ -69,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `run --processes N` launches the same command line again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from benchharness.data import default_cache_dir
 
     cache_dir = args.cache or default_cache_dir()
     try:
         return COMMANDS[args.command](args, cache_dir)
+    except RankZeroFailed as exc:
+        return exc.exit_code  # rank 0 has printed the error; one line, not one per process
     except HarnessError as exc:
         print(f"benchharness: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -86,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.config import Overrides, load_experiment
-    from benchharness.runner import find_resumable, run_experiment
+    from benchharness.distributed import check_parallel, init_from_env, launch, launched_world_size, shutdown, strip_processes
+    from benchharness.runner import find_resumable, preflight, run_experiment
 
     from benchharness.yamlfile import validate
 
@@ -96,8 +106,30 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
     resume = None
     if args.resume is not None:
         resume = find_resumable(experiment.output_dir, experiment.config_hash()) if args.resume == "latest" else Path(args.resume)
-    folder = run_experiment(experiment, cache_dir, resume=resume)
-    print(folder)
+
+    if args.processes is not None:
+        if args.processes < 1:
+            raise HarnessError(f"--processes {args.processes}: must be at least 1. Fix: --processes N with N >= 1.")
+        if launched_world_size() > 1:
+            raise HarnessError("--processes inside a launched process group (WORLD_SIZE is set). Fix: use either --processes N or accelerate launch / torchrun, not both.")
+        if args.processes > 1:
+            check_parallel(experiment, args.processes)
+            # Check everything (and fill the caches) here, so bad input is one line and exit 2
+            # before any process starts, and the processes find data and weights ready.
+            preflight(experiment, cache_dir, resume)
+            argv = strip_processes(args.argv)
+            if resume is not None and args.resume == "latest":
+                # Every process must finish the same run folder.
+                argv = [a for a in argv if a != "--resume"] + ["--resume", str(resume)]
+            return launch(argv, args.processes)
+
+    dist = init_from_env(experiment.inference.device)
+    try:
+        folder = run_experiment(experiment, cache_dir, resume=resume, dist=dist)
+    finally:
+        shutdown(dist)
+    if dist is None or dist.is_main:
+        print(folder)
     return 0
 
 

@@ -30,6 +30,8 @@ class InferenceSpec(_Strict):
     device: str = "auto"
     batch_size: int | Literal["auto"] = "auto"
     max_batch_tokens: int | None = Field(default=None, gt=0)
+    # "auto": transformers/accelerate spread a model too large for one GPU over every visible GPU (and CPU).
+    device_map: Literal["auto"] | None = None
 
     @field_validator("device")
     @classmethod
@@ -63,6 +65,9 @@ class ExperimentFile(_Strict):
     seed: int = 1234
     output_dir: Path = Path("results")
     speed: ProbeSpec | None = Field(default_factory=ProbeSpec, description="the fixed-shape speed probe; null turns it off")
+    parallel: Literal["data", "models"] = Field(
+        default="data", description="with several processes: shard every task's items over them (data), or give each process whole models (models)"
+    )
 
 
 class Experiment(_Strict):
@@ -83,10 +88,17 @@ class Experiment(_Strict):
     seed: int
     output_dir: Path
     speed: ProbeSpec | None
+    parallel: Literal["data", "models"] = "data"
 
     def resolved(self) -> dict[str, Any]:
-        """The content that decides results (paths of this machine left out), for hashing and the manifest."""
-        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description"})
+        """The content that decides results (paths of this machine left out), for hashing and the manifest.
+
+        `parallel` only says how processes share the work (results are the same), so it is left out;
+        `inference.device_map` only when unset, so configs written before it keep their hash.
+        """
+        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel"})
+        if data["inference"].get("device_map") is None:
+            data["inference"].pop("device_map", None)
         return data
 
     def config_hash(self) -> str:
@@ -159,6 +171,7 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         seed=spec.seed,
         output_dir=output_dir,
         speed=spec.speed,
+        parallel=spec.parallel,
     )
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import LM
+
+if TYPE_CHECKING:
+    from benchharness.distributed import DistContext
 
 
 class MeteredLM(LM):
@@ -15,12 +19,17 @@ class MeteredLM(LM):
     `prompt_tokens` is context plus continuation of every loglikelihood request (what a
     plain engine runs through the model), `scored_tokens` the continuation tokens alone,
     `generated_tokens` the tokens of every generated answer.
+
+    With `dist` (a data-parallel run) it tells lm-eval this process's rank and the world size,
+    and does lm-eval's collectives over torch.distributed: lm-eval then gives the inner
+    engine only this rank's shard of each task and gathers the samples on rank 0.
     """
 
-    def __init__(self, inner: LM, tokenizer: Any) -> None:
+    def __init__(self, inner: LM, tokenizer: Any, dist: DistContext | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.tokenizer = tokenizer
+        self.dist = dist
         self.reset()
 
     def reset(self) -> None:
@@ -31,14 +40,49 @@ class MeteredLM(LM):
         self.scored_tokens = 0
         self.generated_tokens = 0
 
+    def counters(self) -> dict[str, float]:
+        return {
+            "score_seconds": self.score_seconds, "generate_seconds": self.generate_seconds, "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens, "scored_tokens": self.scored_tokens, "generated_tokens": self.generated_tokens,
+        }
+
     # lm-eval reads these to shard and gather work across processes.
     @property
     def rank(self) -> int:
-        return self.inner.rank
+        return self.dist.rank if self.dist else self.inner.rank
 
     @property
     def world_size(self) -> int:
-        return self.inner.world_size
+        return self.dist.world_size if self.dist else self.inner.world_size
+
+    @property
+    def device(self) -> Any:
+        # lm-eval builds the tensor it all-gathers on this device (a CUDA one for nccl).
+        return self.dist.device if self.dist else getattr(self.inner, "device", "cpu")
+
+    def all_gather(self, tensor: Any) -> Any:
+        return self.dist.all_gather_tensor(tensor) if self.dist else self.inner.all_gather(tensor)
+
+    def barrier(self) -> None:
+        if self.dist:
+            self.dist.barrier()
+        else:
+            self.inner.barrier()
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """lm-eval's gather of per-rank samples and metrics, returned as ONE merged object in
+        document order, so rank 0 sees exactly what a single process would have produced.
+
+        lm-eval chains the gathered per-rank lists in rank order, but rank r holds documents
+        r, r+W, r+2W, ... (`islice(docs, rank, limit, world_size)`): chained, the order and the
+        float sums of non-binary metrics would differ from a single-process run.
+        """
+        if not self.dist:
+            return self.inner.gather_object(obj, dst=dst)
+        if dst != 0:
+            raise ValueError("benchharness gathers on rank 0 only")
+        parts = self.dist.gather(obj)
+        return None if parts is None else [merge_in_doc_order(parts)]
 
     def set_cache_hook(self, cache_hook: Any) -> None:
         # The request cache must hear from the engine itself, which saves each answer as it goes.
@@ -86,3 +130,36 @@ class MeteredLM(LM):
             self.prompt_tokens += self._count(req.args[0])
             self.generated_tokens += self._count(text)
         return out
+
+
+def _interleave(lists: list[list[Any]]) -> list[Any]:
+    """Rank lists back into document order: item i of rank r is document i * W + r."""
+    n, world = sum(len(part) for part in lists), len(lists)
+    if any(len(part) != len(range(r, n, world)) for r, part in enumerate(lists)):
+        return list(itertools.chain.from_iterable(lists))  # not a plain doc-sharded list; keep lm-eval's order
+    return [lists[i % world][i // world] for i in range(n)]
+
+
+def _merge_samples(lists: list[list[Any]]) -> list[Any]:
+    """Logged samples come per filter, then per document; restore (filter, doc_id) order."""
+    chained = list(itertools.chain.from_iterable(lists))
+    if not all(isinstance(s, dict) and "doc_id" in s for s in chained):
+        return _interleave(lists)
+    filters = list(dict.fromkeys(s.get("filter") for part in lists for s in part))
+    return sorted(chained, key=lambda s: (filters.index(s.get("filter")), s["doc_id"]))
+
+
+def merge_in_doc_order(parts: list[Any]) -> Any:
+    """Merge what lm-eval gathers from each rank: {task: [samples]} or {task: {(metric, filter): [values]}}."""
+    first = parts[0]
+    if not isinstance(first, dict):
+        return list(itertools.chain.from_iterable(parts))
+    merged: dict[Any, Any] = {}
+    for task in first:
+        values = [part.get(task, [] if isinstance(first[task], list) else {}) for part in parts]
+        if isinstance(first[task], list):
+            merged[task] = _merge_samples(values)
+        else:
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            merged[task] = {k: _interleave([list(v.get(k, [])) for v in values]) for k in keys}
+    return merged

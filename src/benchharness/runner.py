@@ -12,8 +12,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from benchharness.catalog import ModelEntry
 from benchharness.config import Experiment, SuiteSpec
 from benchharness.data import SUITES, check_task_data_offline, prepare_suite, render_tasks
+from benchharness.distributed import DistContext, check_parallel, main_first, on_main
 from benchharness.errors import HarnessError
 from benchharness.manifest import fingerprint_sha256, initial_manifest
 from benchharness.metered import MeteredLM
@@ -46,6 +49,24 @@ class PlannedSuite:
     task: str
     fingerprint: str | None  # of the prepared data; None for tasks whose data the harness does not prepare
     n_items: int | None
+
+
+@dataclass
+class ModelUpdate:
+    """What one step of a model's evaluation adds to the run folder. It is built where the model
+    ran and written by rank 0 (`_commit`), so several processes never write the same files."""
+
+    model: str
+    samples: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (task, records)
+    score_rows: list[dict[str, Any]] = field(default_factory=list)
+    speed_rows: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # keys of manifest models.<name>
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest tasks.<task>
+    completed_suite: str | None = None
+
+
+# Keys of manifest models.<name> that hold one value per task: an update adds to them.
+_PER_TASK_INFO = ("eval_wall_seconds", "requests")
 
 
 def new_run_id(experiment: Experiment, now: dt.datetime | None = None) -> str:
@@ -134,73 +155,176 @@ def find_resumable(output_dir: Path, config_hash: str) -> Path:
     return candidates[-1]
 
 
-def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None = None) -> Path:
-    """Run `experiment`, or finish the unfinished run folder `resume`; returns the run folder.
+def preflight(experiment: Experiment, cache_dir: Path, resume: Path | None = None, writes: bool = True) -> tuple[list[PlannedSuite], Any, dict[str, ResolvedModel]]:
+    """Every check on input that needs no run folder: suites and their data (prepared into the
+    cache), model weights (resolved, converted into the cache), the output folder, a resumed run.
 
-    Raises HarnessError on bad input before writing anything.
+    Raises HarnessError naming the problem; `--processes N` calls it before launching anything.
+    `writes`: this process writes the run folder (rank 0), so check the output folder too.
     """
-    started = dt.datetime.now(dt.timezone.utc)
-    log.info("experiment %s (%s): %d model(s) x %d suite(s)", experiment.name, experiment.config_hash(), len(experiment.models), len(experiment.suites))
-    store = RunStore(resume if resume is not None else experiment.output_dir / new_run_id(experiment, started))
-    previous = _resumable_manifest(store, experiment) if resume is not None else None
-
+    if resume is not None:
+        _resumable_manifest(RunStore(resume), experiment)
     log.info("stage 1/3: preparing suite data")
     planned, task_manager = plan_suites(experiment, cache_dir)
     log.info("stage 2/3: resolving model weights")
     resolved = {m.name: resolve_model(m, cache_dir) for m in experiment.models}
-    device = pick_device(experiment.inference.device)
+    if writes:
+        check_output_writable(resume.parent if resume is not None else experiment.output_dir)
+    return planned, task_manager, resolved
+
+
+def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None = None, dist: DistContext | None = None) -> Path:
+    """Run `experiment`, or finish the unfinished run folder `resume`; returns the run folder.
+
+    With `dist` this is one of several processes: `parallel: data` shards every task's items
+    over the processes, `parallel: models` gives each process whole models. Rank 0 alone
+    writes the run folder; the others compute and hand their results to it.
+
+    Raises HarnessError on bad input before writing anything.
+    """
+    started = dt.datetime.now(dt.timezone.utc)
+    main = dist is None or dist.is_main
+    check_parallel(experiment, dist.world_size if dist else 1)
+    if main:
+        log.info("experiment %s (%s): %d model(s) x %d suite(s)", experiment.name, experiment.config_hash(), len(experiment.models), len(experiment.suites))
+    folder = resume if resume is not None else experiment.output_dir / new_run_id(experiment, started)
+    if dist is not None:
+        folder = dist.broadcast(folder)  # one run_id on every rank: rank 0's clock decides
+    store = RunStore(folder)
+
+    # Rank 0 fills the caches (prepared data, converted weights) first; the others then find them there.
+    planned, task_manager, resolved = main_first(dist, lambda: preflight(experiment, cache_dir, resume if main else None, writes=main))
+    device = dist.device if dist is not None else pick_device(experiment.inference.device)
     dtype = pick_dtype(experiment.inference.dtype, device)
-    check_output_writable(store.folder.parent)
+    rank_devices = dist.gather(device) if dist is not None else [device]
 
-    if previous is None:
-        store.folder.mkdir(parents=True)
-        data_fingerprints = {p.spec.name: p.fingerprint for p in planned}
-        manifest = initial_manifest(experiment, store.folder.name, started, data_fingerprints, resolved, device, dtype, hardware_info())
-        score_rows: list[dict[str, Any]] = []
-        speed_rows: list[dict[str, Any]] = []
-    else:
-        manifest = previous
-        _check_same_inputs(store, manifest, planned, resolved)
-        manifest["volatile"]["resumed"].append(started.isoformat())
-        score_rows, speed_rows = _finished_rows(store, manifest, [p.spec.name for p in planned])
-        log.info("resuming %s: %d model/suite pair(s) already done", store.folder, len(manifest["completed_suites"]))
-    manifest["status"] = "running"
-    store.write_manifest(manifest)
+    score_rows: list[dict[str, Any]] = []
+    speed_rows: list[dict[str, Any]] = []
 
-    limits = None
-    if experiment.speed is not None:
+    def start() -> dict[str, Any]:
+        nonlocal score_rows, speed_rows
+        if resume is None:
+            store.folder.mkdir(parents=True)
+            data_fingerprints = {p.spec.name: p.fingerprint for p in planned}
+            manifest = initial_manifest(experiment, store.folder.name, started, data_fingerprints, resolved, device, dtype, hardware_info())
+        else:
+            manifest = _resumable_manifest(store, experiment)
+            _check_same_inputs(store, manifest, planned, resolved)
+            manifest["volatile"]["resumed"].append(started.isoformat())
+            score_rows, speed_rows = _finished_rows(store, manifest, [p.spec.name for p in planned])
+            log.info("resuming %s: %d model/suite pair(s) already done", store.folder, len(manifest["completed_suites"]))
+        if dist is not None:
+            manifest["distributed"] = dist.describe(rank_devices or [], experiment.parallel)
+        manifest["status"] = "running"
+        store.write_manifest(manifest)
+        return manifest
+
+    # Every rank needs to know which model/suite pairs are done; only rank 0 keeps the tables.
+    manifest = on_main(dist, start)
+
+    def measure_limits() -> MachineLimits | None:
+        if experiment.speed is None:
+            return None
+        # One process measures while the others wait, so they do not compete for the device.
         log.info("measuring this machine's matmul FLOP/s and memory bandwidth (%s, %s)", device, dtype)
-        limits = measure_machine_limits(device, getattr(torch, dtype), min_seconds=experiment.speed.limits_min_seconds)
-        manifest["limits"] = limits.to_dict()
-    log.info("stage 3/3: evaluating -> %s", store.folder)
+        measured = measure_machine_limits(device, getattr(torch, dtype), min_seconds=experiment.speed.limits_min_seconds)
+        manifest["limits"] = measured.to_dict()
+        return measured
+
+    limits = on_main(dist, measure_limits)
+    if main:
+        log.info("stage 3/3: evaluating -> %s", store.folder)
     status = "failed"
     try:
         done = {tuple(pair) for pair in manifest["completed_suites"]}
-        pairs = tqdm(total=len(experiment.models) * len(planned), initial=len(done), desc="model x suite", unit="suite", disable=None)
-        for entry in experiment.models:
-            todo = [p for p in planned if (entry.name, p.spec.name) not in done]
-            if todo:
-                _evaluate_model(experiment, entry, resolved[entry.name], todo, task_manager, device, dtype, limits, store, manifest, score_rows, speed_rows, pairs)
+        pairs = tqdm(total=len(experiment.models) * len(planned), initial=len(done), desc="model x suite", unit="suite", disable=None if main else True)
+
+        def commit(update: ModelUpdate) -> None:
+            _commit(store, manifest, update, score_rows, speed_rows)
+            if update.completed_suite is not None:
+                pairs.update(1)
+
+        todo = {entry.name: [p for p in planned if (entry.name, p.spec.name) not in done] for entry in experiment.models}
+        if dist is not None and experiment.parallel == "models":
+            _evaluate_models_side_by_side(experiment, todo, resolved, task_manager, device, dtype, limits, store, dist, commit)
+        else:
+            for entry in experiment.models:
+                if todo[entry.name]:
+                    for update in _evaluate_model(experiment, entry, resolved[entry.name], todo[entry.name], task_manager, device, dtype, limits, store, dist):
+                        pairs.set_postfix_str(f"{entry.name} / {update.completed_suite or 'speed probe'}")
+                        commit(update)
         pairs.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "incomplete"
-        log.error("interrupted: finished tasks are kept in %s; finish it with --resume", store.folder)
+        if main:
+            log.error("interrupted: finished tasks are kept in %s; finish it with --resume", store.folder)
         raise
     finally:
-        manifest["status"] = status
-        manifest["volatile"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        manifest["fingerprint_sha256"] = fingerprint_sha256(manifest["fingerprint"])
-        try:
-            store.write_manifest(manifest)
-        except HarnessError as exc:
-            if status == "complete":
-                raise
-            # The run already failed; its manifest still says "running", never "complete".
-            log.error("could not record status '%s' in the manifest: %s", status, exc)
-        _write_report(store.folder)
-    log.info("done: %s", store.folder)
+        if main:
+            _finish(store, manifest, status)
+    if main:
+        log.info("done: %s", store.folder)
     return store.folder
+
+
+def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
+    manifest["status"] = status
+    manifest["volatile"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    manifest["fingerprint_sha256"] = fingerprint_sha256(manifest["fingerprint"])
+    try:
+        store.write_manifest(manifest)
+    except HarnessError as exc:
+        if status == "complete":
+            raise
+        # The run already failed; its manifest still says "running", never "complete".
+        log.error("could not record status '%s' in the manifest: %s", status, exc)
+    _write_report(store.folder)
+
+
+def _evaluate_models_side_by_side(
+    experiment: Experiment, todo: dict[str, list[PlannedSuite]], resolved: dict[str, ResolvedModel], task_manager: Any,
+    device: str, dtype: str, limits: MachineLimits | None, store: RunStore, dist: DistContext, commit: Any,
+) -> None:
+    """`parallel: models`: in round k, rank r evaluates model k * W + r alone on its own device
+    (no sharding); after each round rank 0 gathers the results and writes them in model order."""
+    entries = [entry for entry in experiment.models if todo[entry.name]]
+    world = dist.world_size
+    for first in range(0, len(entries), world):
+        batch = entries[first:first + world]
+        mine = batch[dist.rank] if dist.rank < len(batch) else None
+        updates: list[ModelUpdate] = []
+        if mine is not None:
+            log.info("rank %d: model %s on %s", dist.rank, mine.name, device)
+            updates = list(_evaluate_model(experiment, mine, resolved[mine.name], todo[mine.name], task_manager, device, dtype, limits, store, None, alone=True))
+        gathered = dist.gather(updates)
+        for rank_updates in gathered or []:
+            for update in rank_updates:
+                commit(update)
+
+
+def _commit(store: RunStore, manifest: dict[str, Any], update: ModelUpdate, score_rows: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) -> None:
+    """Write one update into the run folder: samples, then tables, then the manifest, which thus
+    never names a suite whose rows are missing."""
+    for task, records in update.samples:
+        _record_file(store, manifest, store.write_samples(update.model, task, records))
+    score_rows.extend(update.score_rows)
+    speed_rows.extend(update.speed_rows)
+    info = manifest["models"][update.model]
+    for key, value in update.info.items():
+        if key in _PER_TASK_INFO:
+            info.setdefault(key, {}).update(value)
+        else:
+            info[key] = value
+    for task, task_info in update.tasks.items():
+        manifest["tasks"][task] = task_info
+        manifest["fingerprint"]["prompt_hashes"][task] = task_info["prompt_hash"]
+        manifest["completed"].append([update.model, task])
+    if update.completed_suite is not None:
+        manifest["completed_suites"].append([update.model, update.completed_suite])
+        _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
+    _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
+    store.write_manifest(manifest)
 
 
 def _resumable_manifest(store: RunStore, experiment: Experiment) -> dict[str, Any]:
@@ -260,98 +384,118 @@ def _evaluate_model(
     dtype: str,
     limits: MachineLimits | None,
     store: RunStore,
-    manifest: dict[str, Any],
-    score_rows: list[dict[str, Any]],
-    speed_rows: list[dict[str, Any]],
-    pairs: tqdm,
-) -> None:
+    dist: DistContext | None,
+    alone: bool = False,
+) -> Iterator[ModelUpdate]:
+    """Evaluate one model on `planned`: one update per suite, then one for the speed probe.
+
+    With `dist` every rank runs this with the same model, lm-eval gives each rank its shard
+    of every task, and only rank 0 yields updates (with every rank's throughput in them).
+    `alone`: one of several processes, evaluating this model by itself (parallel: models).
+    """
+    main = dist is None or dist.is_main
     log.info("%s (%s): loading from %s on %s, %s", entry.name, entry.origin, resolved.path, device, dtype)
     with load_timer("load_warm", device) as load:
-        model, tokenizer = load_model(resolved, entry, dtype, device)
-    speed_rows.append(load.row(entry.name, entry.origin).to_dict())
+        model, tokenizer = load_model(resolved, entry, dtype, device, experiment.inference.device_map)
+    load_rows = [load.row(entry.name, entry.origin).to_dict()]
     if resolved.converted_now:
-        speed_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
+        load_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
     lm = make_lm(experiment, model, tokenizer, device)
-    info = manifest["models"][entry.name]
     # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
-    info["chat_template"] = chat
-    info["load_seconds"] = round(load.seconds, 3)
+    model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3)}
     flops_per_token = model_flops_per_token(model)
 
-    metered = MeteredLM(lm, tokenizer)
+    metered = MeteredLM(lm, tokenizer, dist=dist)
     for item in planned:
-        pairs.set_postfix_str(f"{entry.name} / {item.spec.name}")
         log.info("%s: suite %s (limit %s, few-shot %s)", entry.name, item.spec.name, item.spec.limit, "task default" if item.spec.num_fewshot is None else item.spec.num_fewshot)
         metered.reset()
         wall = time.perf_counter()
         with MemorySampler(device) as memory:
-            results = evaluate_task(metered, item.task, task_manager, item.spec, experiment.seed, chat, request_cache=store.folder / "cache" / entry.name)
+            results = evaluate_task(metered, item.task, task_manager, item.spec, experiment.seed, chat, request_cache=store.folder / "cache" / entry.name, alone=alone)
         wall = time.perf_counter() - wall
+        counters = {**metered.counters(), "peak_memory_mb": memory.peak_memory_mb, "device": device}
+        per_rank = dist.gather(counters) if dist is not None else [counters]
+        if results is None or per_rank is None:
+            continue  # not rank 0: its share is in rank 0's results now
+        update = ModelUpdate(entry.name, speed_rows=load_rows, info=model_info, completed_suite=item.spec.name)
+        load_rows, model_info = [], {}
         for task_name, samples in results["samples"].items():
             records = [sample_record(s) for s in samples]
-            _record_file(store, manifest, store.write_samples(entry.name, task_name, records))
-            score_rows.extend(score_rows_for(entry, item.spec.name, task_name, results["results"][task_name], records, experiment.seed))
-            score_rows.extend(macro_rows(entry, item.spec.name, task_name, records))
-            task_prompt_hash = prompt_hash(results["configs"][task_name])
-            manifest["tasks"][task_name] = {
+            update.samples.append((task_name, records))
+            update.score_rows.extend(score_rows_for(entry, item.spec.name, task_name, results["results"][task_name], records, experiment.seed))
+            update.score_rows.extend(macro_rows(entry, item.spec.name, task_name, records))
+            update.tasks[task_name] = {
                 "suite": item.spec.name,
                 "data_fingerprint": item.fingerprint,
-                "prompt_hash": task_prompt_hash,
+                "prompt_hash": prompt_hash(results["configs"][task_name]),
                 "num_fewshot": results.get("n-shot", {}).get(task_name),
                 "limit": item.spec.limit,
                 "n": len(records),
                 "n_available": item.n_items,
             }
-            manifest["fingerprint"]["prompt_hashes"][task_name] = task_prompt_hash
-            manifest["completed"].append([entry.name, task_name])
         for group in [name for name in results["results"] if name not in results["samples"]]:
             # A group's score is lm-eval's aggregate of its tasks (the macro average where the YAML says so).
             n = sum(len(results["samples"].get(t, [])) for t in results.get("group_subtasks", {}).get(group, []))
-            score_rows.extend(score_rows_for(entry, item.spec.name, group, results["results"][group], [], experiment.seed, n=n))
+            update.score_rows.extend(score_rows_for(entry, item.spec.name, group, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
-        info["batch"] = batch_info(experiment, lm)
-        speed_rows.extend(_eval_rows(entry, item.task, metered, experiment.inference.batch_size, memory.peak_memory_mb, flops_per_token, limits))
-        info.setdefault("eval_wall_seconds", {})[item.task] = round(wall, 3)
-        # Requests answered by the model now, and from the request cache of an interrupted attempt.
+        update.info["batch"] = batch_info(experiment, lm)
+        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, flops_per_token, limits))
+        update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
+        # Requests answered by the model now (every rank; lm-eval pads short ranks with repeats),
+        # and from the request cache of an interrupted attempt.
         total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
-        info.setdefault("requests", {})[item.task] = {"computed": metered.requests, "cached": total - metered.requests}
-        manifest["completed_suites"].append([entry.name, item.spec.name])
-        # Tables first, manifest last: the manifest never names a suite whose rows are missing.
-        _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
-        _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
-        store.write_manifest(manifest)
-        pairs.update(1)
+        computed = sum(int(c["requests"]) for c in per_rank)
+        update.info["requests"] = {item.task: {"computed": computed, "cached": max(0, total - computed)}}
+        yield update
 
     if experiment.speed is not None:
-        log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
-        probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
-        speed_rows.extend(row.to_dict() for row in probe)
-        _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
-        store.write_manifest(manifest)
+        # Data-parallel: rank 0 probes while the others wait, so the probe has the device to itself.
+        if main:
+            log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
+            probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
+            yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
+        if dist is not None:
+            dist.barrier()
     del model, lm, metered
 
 
 def _eval_rows(
-    entry: ModelEntry, task: str, metered: MeteredLM, batch_size: int | str, peak_mb: float,
+    entry: ModelEntry, task: str, per_rank: list[dict[str, Any]], batch_size: int | str,
     flops_per_token: float, limits: MachineLimits | None,
 ) -> list[dict[str, Any]]:
-    """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second."""
-    rows = []
-    for phase, tokens, seconds in (
-        ("eval", metered.prompt_tokens, metered.score_seconds),
-        ("eval_generate", metered.generated_tokens, metered.generate_seconds),
-    ):
-        if tokens == 0 or seconds <= 0:
-            continue
+    """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second.
+
+    `eval` / `eval_generate` are the whole evaluation: every rank's tokens over the seconds of
+    the slowest rank (ranks run at the same time). With several ranks, `eval_rank<N>` /
+    `eval_generate_rank<N>` rows give rank N's own figures (the report reads `eval`).
+    """
+    # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
+    batch = batch_size if isinstance(batch_size, int) else None
+    # Ranks on one shared device (the CPU) share its peak; ranks on their own GPUs add theirs up.
+    devices = len({c["device"] for c in per_rank})
+
+    def row(phase: str, tokens: int, seconds: float, peak_mb: float, peak_flops: float | None) -> dict[str, Any]:
         rate = tokens / seconds
         achieved = flops_per_token * rate
-        rows.append({
-            # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
-            **_row(entry, task=task, phase=phase, batch=batch_size if isinstance(batch_size, int) else None, tokens=tokens, reps=1),
+        return {
+            **_row(entry, task=task, phase=phase, batch=batch, tokens=tokens, reps=1),
             "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
-            "achieved_flops": achieved, "flops_efficiency": achieved / limits.peak_flops if limits else None,
-        })
+            "achieved_flops": achieved, "flops_efficiency": achieved / peak_flops if peak_flops else None,
+        }
+
+    rows = []
+    for phase, tokens_key, seconds_key in (("eval", "prompt_tokens", "score_seconds"), ("eval_generate", "generated_tokens", "generate_seconds")):
+        tokens = sum(int(c[tokens_key]) for c in per_rank)
+        seconds = max(float(c[seconds_key]) for c in per_rank)
+        if tokens == 0 or seconds <= 0:
+            continue
+        peak = max(float(c["peak_memory_mb"]) for c in per_rank)
+        rows.append(row(phase, tokens, seconds, peak, limits.peak_flops * devices if limits else None))
+        if len(per_rank) > 1:
+            for rank, c in enumerate(per_rank):
+                if c[tokens_key] and c[seconds_key] > 0:
+                    rows.append(row(f"{phase}_rank{rank}", int(c[tokens_key]), float(c[seconds_key]), float(c["peak_memory_mb"]), limits.peak_flops if limits else None))
     return rows
 
 
@@ -379,12 +523,39 @@ def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
     return {"engine": "benchharness", **lm.batch_info}
 
 
-def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool = False, request_cache: Path | None = None) -> dict[str, Any]:
+def evaluate_task(
+    lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool = False, request_cache: Path | None = None, alone: bool = False,
+) -> dict[str, Any] | None:
     """One suite through lm-eval. `request_cache` (a path prefix) keeps every answered request in
-    SQLite as it is computed, so a resumed run skips what an interrupted one finished."""
+    SQLite as it is computed, so a resumed run skips what an interrupted one finished.
+
+    Sharded over several processes, lm-eval returns the gathered results on rank 0 and None elsewhere.
+    `alone`: a process of a launched group that evaluates the whole task itself (parallel: models).
+    """
     import lm_eval
 
-    results = lm_eval.simple_evaluate(
+    # lm-eval returns results only where LOCAL_RANK is 0 (and names the request cache after it):
+    # a process evaluating on its own is, for lm-eval, local rank 0.
+    saved = os.environ.get("LOCAL_RANK")
+    if alone:
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        results = _simple_evaluate(lm, task, task_manager, spec, seed, chat_template, request_cache)
+    finally:
+        if alone:
+            if saved is None:
+                os.environ.pop("LOCAL_RANK", None)
+            else:
+                os.environ["LOCAL_RANK"] = saved
+    if results is None and lm.rank == 0:
+        raise HarnessError(f"lm-eval returned no results for task {task}")
+    return results
+
+
+def _simple_evaluate(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool, request_cache: Path | None) -> dict[str, Any] | None:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
         model=lm,
         tasks=[task],
         task_manager=task_manager,
@@ -399,9 +570,6 @@ def evaluate_task(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: 
         apply_chat_template=chat_template,
         use_cache=str(request_cache) if request_cache is not None else None,
     )
-    if results is None:
-        raise HarnessError(f"lm-eval returned no results for task {task}")
-    return results
 
 
 def sample_record(sample: dict[str, Any]) -> dict[str, Any]:

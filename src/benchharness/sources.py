@@ -266,8 +266,12 @@ def pick_dtype(requested: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def load_model(resolved: ResolvedModel, entry: ModelEntry, dtype: str, device: str) -> tuple[Any, Any]:
-    """Load model and tokenizer from the resolved folder; eval mode, on `device`."""
+def load_model(resolved: ResolvedModel, entry: ModelEntry, dtype: str, device: str, device_map: str | None = None) -> tuple[Any, Any]:
+    """Load model and tokenizer from the resolved folder; eval mode, on `device`.
+
+    With `device_map="auto"` accelerate places the layers over every visible GPU (then CPU)
+    while loading, for a model larger than one device; it is not moved afterwards.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,11 +279,14 @@ def load_model(resolved: ResolvedModel, entry: ModelEntry, dtype: str, device: s
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": entry.trust_remote_code}
     if device.startswith("cuda"):
         kwargs["attn_implementation"] = "sdpa"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=entry.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except Exception as exc:
         raise SourceError(f"model '{entry.name}': could not load {resolved.path}: {type(exc).__name__}: {exc}. Fix: delete that folder from the cache to rebuild it, or check the source.") from exc
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     return model, tokenizer
