@@ -16,8 +16,9 @@ class MeteredLM(LM):
     """Delegates every request to `inner` and records tokens and seconds per request type.
 
     Tokens are counted with the model's tokenizer, without special tokens:
-    `prompt_tokens` is context plus continuation of every loglikelihood request (what a
-    plain engine runs through the model), `scored_tokens` the continuation tokens alone,
+    `prompt_tokens` is what the requests minimally need through the model: each distinct
+    context once plus every continuation (so engines that repeat shared contexts are not
+    credited for the repeats), `scored_tokens` the continuation tokens alone,
     `generated_tokens` the tokens of every generated answer.
 
     With `dist` (a data-parallel run) it tells lm-eval this process's rank and the world size,
@@ -103,11 +104,13 @@ class MeteredLM(LM):
         out = self.inner.loglikelihood(requests, disable_tqdm=disable_tqdm)
         self.score_seconds += time.perf_counter() - started
         self.requests += len(requests)
+        contexts: set[str] = set()
         for req in requests:
             context, continuation = req.args
             scored = self._count(continuation)
             self.scored_tokens += scored
-            self.prompt_tokens += self._count(context) + scored
+            self.prompt_tokens += scored + (self._count(context) if context not in contexts else 0)
+            contexts.add(context)
         return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

@@ -1,0 +1,42 @@
+"""Token accounting of the evaluation: each distinct context counts once, continuations always."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from transformers import AutoTokenizer
+
+from benchharness.metered import MeteredLM
+
+
+class _Echo(LM):
+    def loglikelihood(self, requests, disable_tqdm=False):
+        return [(-1.0, False) for _ in requests]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        return [-1.0 for _ in requests]
+
+    def generate_until(self, requests, disable_tqdm=False):
+        return [" forty two" for _ in requests]
+
+
+def _req(kind: str, args: tuple) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def test_shared_contexts_count_once(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    metered = MeteredLM(_Echo(), tok)
+    question = "Which of the following is true?\\nAnswer:"
+    other = "Find the degree of the field extension.\\nAnswer:"
+    requests = [_req("loglikelihood", (question, f" {c}")) for c in "ABCD"] + [_req("loglikelihood", (other, " A"))]
+    metered.loglikelihood(requests)
+    assert metered.requests == 5
+    assert metered.scored_tokens == sum(n(f" {c}") for c in "ABCD") + n(" A")
+    assert metered.prompt_tokens == n(question) + n(other) + metered.scored_tokens
+    metered.generate_until([_req("generate_until", (question, {"until": ["\\n"]}))])
+    assert metered.generated_tokens == n(" forty two")
+    assert metered.score_seconds >= 0 and metered.generate_seconds >= 0
