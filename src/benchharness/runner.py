@@ -437,7 +437,9 @@ def _evaluate_model(
         for group in [name for name in results["results"] if name not in results["samples"]]:
             # A group's score is lm-eval's aggregate of its tasks (the macro average where the YAML says so).
             n = sum(len(results["samples"].get(t, [])) for t in results.get("group_subtasks", {}).get(group, []))
-            update.score_rows.extend(score_rows_for(entry, item.spec.name, group, results["results"][group], [], experiment.seed, n=n))
+            # The suite's own group row is named after the suite (task == suite), as the report expects.
+            row_task = item.spec.name if group == item.task else group
+            update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
         update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, flops_per_token, limits))
