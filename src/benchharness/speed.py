@@ -27,7 +27,7 @@ def run_speed_only(experiment: Experiment, cache_dir: Path) -> str:
         f"memory read bandwidth {limits.peak_bandwidth / 1e9:.1f} GB/s (fastest of the timed runs)"
     ]
     for entry in experiment.models:
-        model, tokenizer = load_model(resolved[entry.name], entry, dtype, device)
+        model, tokenizer = load_model(resolved[entry.name], entry, dtype, device, experiment.inference.device_map)
         log.info("%s: speed probe %s", entry.name, spec.model_dump())
         rows = run_speed_probe(model, tokenizer, spec, device, limits=limits, model_name=entry.name, origin=entry.origin)
         lines += ["", f"{entry.name} ({entry.origin}, {entry.build})", format_rows(rows)]
