@@ -39,4 +39,6 @@ def test_shared_contexts_count_once(tiny_model_dir: Path) -> None:
     assert metered.prompt_tokens == n(question) + n(other) + metered.scored_tokens
     metered.generate_until([_req("generate_until", (question, {"until": ["\\n"]}))])
     assert metered.generated_tokens == n(" forty two")
+    assert metered.generate_prompt_tokens == n(question)
+    assert metered.prompt_tokens == n(question) + n(other) + metered.scored_tokens  # scoring counts stay apart
     assert metered.score_seconds >= 0 and metered.generate_seconds >= 0

@@ -60,6 +60,7 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     evals = speed[speed.phase == "eval"].iloc[0]
     assert evals.tokens > 6 * 4 and evals.tokens_per_s > 0 and evals.batch == 4
     assert evals.achieved_flops > 0 and evals.peak_memory_mb > 0
+    assert 0 < evals.flops_efficiency < 1  # useful work only, against the measured peak
     prefill = speed[speed.phase == "prefill"].iloc[0]
     assert prefill.tokens == prefill.reps * 2 * 8  # batch x prompt_len per timed run
     assert set(speed.phase) >= {"load_warm", "eval", "prefill", "decode"}

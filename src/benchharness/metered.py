@@ -19,7 +19,8 @@ class MeteredLM(LM):
     `prompt_tokens` is what the requests minimally need through the model: each distinct
     context once plus every continuation (so engines that repeat shared contexts are not
     credited for the repeats), `scored_tokens` the continuation tokens alone,
-    `generated_tokens` the tokens of every generated answer.
+    `generated_tokens` the tokens of every generated answer and `generate_prompt_tokens`
+    the prompts they were generated from.
 
     With `dist` (a data-parallel run) it tells lm-eval this process's rank and the world size,
     and does lm-eval's collectives over torch.distributed: lm-eval then gives the inner
@@ -40,11 +41,13 @@ class MeteredLM(LM):
         self.prompt_tokens = 0
         self.scored_tokens = 0
         self.generated_tokens = 0
+        self.generate_prompt_tokens = 0
 
     def counters(self) -> dict[str, float]:
         return {
             "score_seconds": self.score_seconds, "generate_seconds": self.generate_seconds, "requests": self.requests,
             "prompt_tokens": self.prompt_tokens, "scored_tokens": self.scored_tokens, "generated_tokens": self.generated_tokens,
+            "generate_prompt_tokens": self.generate_prompt_tokens,
         }
 
     # lm-eval reads these to shard and gather work across processes.
@@ -130,7 +133,7 @@ class MeteredLM(LM):
         self.generate_seconds += time.perf_counter() - started
         self.requests += len(requests)
         for req, text in zip(requests, out):
-            self.prompt_tokens += self._count(req.args[0])
+            self.generate_prompt_tokens += self._count(req.args[0])
             self.generated_tokens += self._count(text)
         return out
 

@@ -31,7 +31,7 @@ from benchharness.errors import HarnessError
 from benchharness.manifest import fingerprint_sha256, initial_manifest
 from benchharness.metered import MeteredLM
 from benchharness.scoring import macro_average, subject_scores
-from benchharness.perf import MachineLimits, MemorySampler, hardware_info, load_timer, measure_machine_limits, model_flops_per_token, run_speed_probe
+from benchharness.perf import MachineLimits, MatmulParams, MemorySampler, hardware_info, load_timer, matmul_params, measure_machine_limits, run_speed_probe
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore
 
@@ -404,7 +404,7 @@ def _evaluate_model(
     # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
     model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3)}
-    flops_per_token = model_flops_per_token(model)
+    params = matmul_params(model)
 
     metered = MeteredLM(lm, tokenizer, dist=dist)
     for item in planned:
@@ -442,7 +442,7 @@ def _evaluate_model(
             update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
-        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, flops_per_token, limits))
+        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits))
         update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
         # Requests answered by the model now (every rank; lm-eval pads short ranks with repeats),
         # and from the request cache of an interrupted attempt.
@@ -464,22 +464,29 @@ def _evaluate_model(
 
 def _eval_rows(
     entry: ModelEntry, task: str, per_rank: list[dict[str, Any]], batch_size: int | str,
-    flops_per_token: float, limits: MachineLimits | None,
+    params: MatmulParams, limits: MachineLimits | None,
 ) -> list[dict[str, Any]]:
     """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second.
 
     `eval` / `eval_generate` are the whole evaluation: every rank's tokens over the seconds of
     the slowest rank (ranks run at the same time). With several ranks, `eval_rank<N>` /
     `eval_generate_rank<N>` rows give rank N's own figures (the report reads `eval`).
+    `achieved_flops` counts useful work only: the model body over every needed token and the
+    output layer where a token is scored or generated.
     """
     # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
     batch = batch_size if isinstance(batch_size, int) else None
     # Ranks on one shared device (the CPU) share its peak; ranks on their own GPUs add theirs up.
     devices = len({c["device"] for c in per_rank})
 
-    def row(phase: str, tokens: int, seconds: float, peak_mb: float, peak_flops: float | None) -> dict[str, Any]:
+    def useful_flops(phase: str, c: dict[str, Any]) -> float:
+        if phase.startswith("eval_generate"):
+            return 2.0 * (params.body * int(c["generate_prompt_tokens"]) + (params.body + params.head) * int(c["generated_tokens"]))
+        return 2.0 * (params.body * int(c["prompt_tokens"]) + params.head * int(c["scored_tokens"]))
+
+    def row(phase: str, tokens: int, seconds: float, flops: float, peak_mb: float, peak_flops: float | None) -> dict[str, Any]:
         rate = tokens / seconds
-        achieved = flops_per_token * rate
+        achieved = flops / seconds
         return {
             **_row(entry, task=task, phase=phase, batch=batch, tokens=tokens, reps=1),
             "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
@@ -493,11 +500,12 @@ def _eval_rows(
         if tokens == 0 or seconds <= 0:
             continue
         peak = max(float(c["peak_memory_mb"]) for c in per_rank)
-        rows.append(row(phase, tokens, seconds, peak, limits.peak_flops * devices if limits else None))
+        flops = sum(useful_flops(phase, c) for c in per_rank)
+        rows.append(row(phase, tokens, seconds, flops, peak, limits.peak_flops * devices if limits else None))
         if len(per_rank) > 1:
             for rank, c in enumerate(per_rank):
                 if c[tokens_key] and c[seconds_key] > 0:
-                    rows.append(row(f"{phase}_rank{rank}", int(c[tokens_key]), float(c[seconds_key]), float(c["peak_memory_mb"]), limits.peak_flops if limits else None))
+                    rows.append(row(f"{phase}_rank{rank}", int(c[tokens_key]), float(c[seconds_key]), useful_flops(phase, c), float(c["peak_memory_mb"]), limits.peak_flops if limits else None))
     return rows
 
 
