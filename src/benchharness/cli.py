@@ -1,4 +1,4 @@
-"""Command line: benchharness run | report | models | suites | prepare | fetch."""
+"""Command line: benchharness run | report | speed | verify | models | suites | prepare | fetch."""
 
 from __future__ import annotations
 
@@ -97,7 +97,6 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.config import Overrides, load_experiment
     from benchharness.distributed import check_parallel, init_from_env, launch, launched_world_size, shutdown, strip_processes
     from benchharness.runner import find_resumable, preflight, run_experiment
-
     from benchharness.yamlfile import validate
 
     given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size") if getattr(args, k) is not None}
