@@ -17,7 +17,8 @@ from benchharness.engine.batching import (
     plan_batches,
     truncate_request,
 )
-from benchharness.engine.scoring import ancestor_mask
+from benchharness.engine.head import split_model
+from benchharness.engine.scoring import _HEAD_ROWS, _VOCAB_BLOCK, ancestor_mask, score_nodes
 
 ARCHS = [("llama", False), ("qwen2", False), ("gemma3", True)]
 
@@ -106,6 +107,24 @@ def test_ancestor_mask_of_a_tree():
         dtype=torch.bool,
     )
     assert torch.equal(torch.from_numpy(mask), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_blocked_output_layer_equals_log_softmax_over_the_whole_vocabulary(arch):
+    # A vocabulary of several blocks, more rows than one pass takes, several targets per row
+    # (in different blocks, and each row's argmax), Gemma's softcapping included.
+    vocab = 2 * _VOCAB_BLOCK + 123
+    split = split_model(make_model(arch, vocab))
+    rows = _HEAD_ROWS + 7
+    hidden = torch.randn(rows, split.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    reference = split.log_probs(hidden)
+    argmax = reference.argmax(dim=-1)
+    slots = torch.arange(rows).repeat_interleave(3)
+    targets = torch.stack([argmax, torch.full_like(argmax, 5), torch.full_like(argmax, vocab - 1)], dim=1).reshape(-1)
+    logprob, greedy = score_nodes(split, hidden, slots, targets)
+    assert torch.allclose(logprob, reference[slots, targets], atol=1e-4)
+    assert torch.equal(greedy, argmax[slots] == targets)
+    assert greedy[0::3].all() and not greedy[1::3].all()
 
 
 # ---------------------------------------------------------------- against lm-eval's hf model

@@ -47,6 +47,16 @@ class SplitModel:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def logits_slice(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Logits of vocabulary entries [start, stop) only, as `logits` computes them."""
+        weight = self.output_layer.weight[start:stop]
+        bias = self.output_layer.bias
+        logits = torch.nn.functional.linear(hidden, weight, None if bias is None else bias[start:stop])
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-softmax over the vocabulary, computed in fp32 whatever the model's dtype."""
         return torch.log_softmax(self.logits(hidden).float(), dim=-1)

@@ -43,7 +43,7 @@ from benchharness.engine.batching import (
 )
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
-from benchharness.engine.scoring import score_rows
+from benchharness.engine.scoring import HeadQueue, run_body
 
 logger = logging.getLogger(__name__)
 
@@ -297,17 +297,22 @@ class BenchEngineLM(TemplateLM):
         rows = pack_rows(requests, self.max_length, max_row_tokens=max_row_tokens)
         batches = plan_batches(rows, token_budget=budget, max_lanes=None if self._auto else self._max_rows)
         results: dict[int, tuple[float, bool]] = {}
+        queue = HeadQueue(self._split)
         for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):
             lanes = [concatenate_rows([rows[i] for i in lane]) for lane in batch]
-            self._score_with_backoff(lanes, results)
+            self._body_with_backoff(lanes, queue)
+            if queue.full:
+                queue.flush(results)
+        queue.flush(results)
         self.stats.score_requests += len(requests)
         self.stats.score_min_tokens += minimum_tokens(requests, self.max_length)
         return results
 
-    def _score_with_backoff(self, rows: list[PackedRow], results: dict[int, tuple[float, bool]]) -> None:
-        """Score a batch; on GPU out-of-memory, split it in two and try again."""
+    def _body_with_backoff(self, rows: list[PackedRow], queue: HeadQueue) -> None:
+        """Run a batch through the body into the output-layer queue; on GPU out-of-memory,
+        split it in two and try again."""
         try:
-            batch_results, counts = score_rows(self._split, rows, self.tokenizer.pad_token_id or 0)
+            body = run_body(self._split, rows, self.tokenizer.pad_token_id or 0)
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
@@ -315,10 +320,11 @@ class BenchEngineLM(TemplateLM):
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(rows) // 2
-            self._score_with_backoff(rows[:half], results)
-            self._score_with_backoff(rows[half:], results)
+            self._body_with_backoff(rows[:half], queue)
+            self._body_with_backoff(rows[half:], queue)
             return
-        results.update(batch_results)
+        queue.add(body)
+        counts = body.counts
         self.stats.score_forwards += 1
         self.stats.score_rows += counts.rows
         self.stats.score_padded_tokens += counts.padded_tokens

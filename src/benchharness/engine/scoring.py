@@ -1,8 +1,11 @@
 """Loglikelihood scoring of packed token-tree rows.
 
 One forward of the model body per batch of rows, with a 4D attention mask in which
-each token sees its tree ancestors only; then the output layer and log-softmax on
-the scored nodes only (for single-token answers: one row of logits per context).
+each token sees its tree ancestors only. The hidden states of the scored nodes are
+queued, and the output layer runs on the queue once it holds enough rows (or at the
+end): its weight (672 MB for Gemma 3's 262k vocabulary in fp32) is then read once per
+few hundred scored rows instead of once per body forward, where a handful of MMLU
+answers would leave the product memory-bound.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import torch
 from benchharness.engine.batching import PackedRow
 from benchharness.engine.head import SplitModel, UnsupportedModelError
 
-# Cap on the logits materialized at once (elements), so a 262k vocabulary never
-# needs a [scored rows x vocab] tensor larger than ~256 MB in fp32.
-_MAX_LOGIT_ELEMENTS = 1 << 26
+# Scored rows per pass over the output layer (its weight is read once per pass) and
+# vocabulary entries per block of logits: 256 x 4096 fp32 logits (4 MB) stay in cache.
+_HEAD_ROWS = 256
+_VOCAB_BLOCK = 4096
 
 
 @dataclass
@@ -102,11 +106,18 @@ def _is_chain(row: PackedRow) -> bool:
     return all(parent == index - 1 for index, parent in enumerate(row.parents))
 
 
+@dataclass
+class BodyOutput:
+    """What one body forward leaves for the output layer."""
+
+    hidden: torch.Tensor  # [unique scored nodes, hidden]
+    pairs: list[tuple[int, int, int]]  # (request index, row of `hidden`, target token)
+    counts: BatchCounts
+
+
 @torch.inference_mode()
-def score_rows(
-    split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int
-) -> tuple[dict[int, tuple[float, bool]], BatchCounts]:
-    """Run one batch of rows; return {request index: (loglikelihood, is_greedy)} and its costs."""
+def run_body(split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int) -> BodyOutput:
+    """Run one batch of rows through the body; keep the hidden states of the scored nodes only."""
     length = max(len(row) for row in rows)
     device = split.device
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -133,44 +144,102 @@ def score_rows(
 
     # Unique scored nodes across the batch, as flat indices into [rows * length].
     flat_index_of: dict[int, int] = {}
-    pairs: list[tuple[int, int, int]] = []  # (request index, unique node slot, target token)
+    pairs: list[tuple[int, int, int]] = []
     for b, row in enumerate(rows):
         for scored in row.scored:
             for node, target in zip(scored.nodes, scored.targets, strict=True):
                 flat = b * length + node
                 slot = flat_index_of.setdefault(flat, len(flat_index_of))
                 pairs.append((scored.index, slot, target))
-
     flat_nodes = torch.tensor(list(flat_index_of), dtype=torch.long, device=device)
-    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_nodes)  # [nodes, hidden]
-    slots = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
-    targets = torch.tensor([p[2] for p in pairs], dtype=torch.long, device=device)
-
-    vocab = int(split.output_layer.weight.shape[0])
-    chunk = max(1, _MAX_LOGIT_ELEMENTS // vocab)
-    pair_logprob = torch.zeros(len(pairs), dtype=torch.float32, device=device)
-    argmax_parts: list[torch.Tensor] = []
-    for start in range(0, selected.shape[0], chunk):
-        log_probs = split.log_probs(selected[start : start + chunk])  # [chunk, vocab] fp32
-        argmax_parts.append(log_probs.argmax(dim=-1))
-        # Take what the pairs need from this chunk, then let the chunk go.
-        in_chunk = (slots >= start) & (slots < start + log_probs.shape[0])
-        local = (slots[in_chunk] - start)
-        pair_logprob[in_chunk] = log_probs[local, targets[in_chunk]]
-    node_argmax = torch.cat(argmax_parts)
-    pair_greedy = node_argmax[slots] == targets
-
-    results: dict[int, tuple[float, bool]] = {}
-    logprob_list = pair_logprob.tolist()
-    greedy_list = pair_greedy.tolist()
-    for (request_index, _, _), logprob, greedy in zip(pairs, logprob_list, greedy_list, strict=True):
-        total, all_greedy = results.get(request_index, (0.0, True))
-        results[request_index] = (total + logprob, all_greedy and greedy)
-
+    # A copy, so the batch's activations can be freed while the rows wait for the output layer.
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_nodes)
     counts = BatchCounts(
         rows=len(rows),
         padded_tokens=len(rows) * length,
         row_tokens=sum(len(row) for row in rows),
         scored_nodes=len(flat_index_of),
     )
-    return results, counts
+    return BodyOutput(hidden=selected, pairs=pairs, counts=counts)
+
+
+def head_chunk_rows(split: SplitModel) -> int:
+    """Scored rows per pass over the output layer's weight."""
+    return _HEAD_ROWS
+
+
+@torch.inference_mode()
+def score_nodes(
+    split: SplitModel, hidden: torch.Tensor, slots: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of `targets[i]` after node `slots[i]` (fp32), and whether it is the argmax.
+
+    The vocabulary is taken in blocks with an online log-sum-exp (as flash attention does
+    its softmax): a [rows, block] slice of logits stays in cache, where a whole
+    [rows, 262k] tensor would go to memory and back for every pass log_softmax makes.
+    """
+    device = hidden.device
+    vocab = int(split.output_layer.weight.shape[0])
+    pair_logprob = torch.empty(len(slots), dtype=torch.float32, device=device)
+    pair_greedy = torch.empty(len(slots), dtype=torch.bool, device=device)
+    for row_start in range(0, hidden.shape[0], _HEAD_ROWS):
+        rows = hidden[row_start : row_start + _HEAD_ROWS]
+        count = rows.shape[0]
+        in_chunk = (slots >= row_start) & (slots < row_start + count)
+        local = slots[in_chunk] - row_start
+        local_targets = targets[in_chunk]
+        running_max = torch.full((count,), float("-inf"), dtype=torch.float32, device=device)
+        running_sum = torch.zeros(count, dtype=torch.float32, device=device)
+        best_index = torch.zeros(count, dtype=torch.long, device=device)
+        target_logit = torch.zeros(len(local), dtype=torch.float32, device=device)
+        for start in range(0, vocab, _VOCAB_BLOCK):
+            logits = split.logits_slice(rows, start, start + _VOCAB_BLOCK).float()  # [count, block]
+            block_max, block_index = logits.max(dim=-1)
+            # Strictly greater: on a tie the earlier entry wins, as argmax over the whole row.
+            best_index = torch.where(block_max > running_max, block_index + start, best_index)
+            hit = (local_targets >= start) & (local_targets < start + logits.shape[1])
+            target_logit[hit] = logits[local[hit], local_targets[hit] - start]
+            new_max = torch.maximum(running_max, block_max)
+            running_sum = running_sum * torch.exp(running_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(-1)
+            running_max = new_max
+        log_normalizer = running_max + running_sum.log()
+        pair_logprob[in_chunk] = target_logit - log_normalizer[local]
+        pair_greedy[in_chunk] = best_index[local] == local_targets
+    return pair_logprob, pair_greedy
+
+
+class HeadQueue:
+    """Scored hidden states waiting for the output layer; `flush` scores them all."""
+
+    def __init__(self, split: SplitModel) -> None:
+        self._split = split
+        self._hidden: list[torch.Tensor] = []
+        self._pairs: list[tuple[int, int, int]] = []
+        self._rows = 0
+
+    @property
+    def full(self) -> bool:
+        return self._rows >= head_chunk_rows(self._split)
+
+    def add(self, body: BodyOutput) -> None:
+        offset = self._rows
+        self._hidden.append(body.hidden)
+        self._pairs.extend((request, slot + offset, target) for request, slot, target in body.pairs)
+        self._rows += body.hidden.shape[0]
+
+    def flush(self, results: dict[int, tuple[float, bool]]) -> None:
+        """Score the queued rows into `results` ({request index: (loglikelihood, is greedy)})."""
+        if not self._pairs:
+            return
+        device = self._split.device
+        hidden = torch.cat(self._hidden)
+        slots = torch.tensor([p[1] for p in self._pairs], dtype=torch.long, device=device)
+        targets = torch.tensor([p[2] for p in self._pairs], dtype=torch.long, device=device)
+        logprobs, greedy = score_nodes(self._split, hidden, slots, targets)
+        for (request_index, _, _), logprob, is_greedy in zip(
+            self._pairs, logprobs.tolist(), greedy.tolist(), strict=True
+        ):
+            total, all_greedy = results.get(request_index, (0.0, True))
+            results[request_index] = (total + logprob, all_greedy and is_greedy)
+        self._hidden, self._pairs, self._rows = [], [], 0
+
