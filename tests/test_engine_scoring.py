@@ -15,6 +15,8 @@ from benchharness.engine.batching import (
     minimum_tokens,
     pack_rows,
     plan_batches,
+    prefix_groups,
+    strip_prefix,
     truncate_request,
 )
 from benchharness.engine.head import split_model
@@ -62,6 +64,45 @@ def test_pack_rows_splits_a_group_over_the_row_budget_repeating_the_context():
     assert [len(r) for r in rows] == [14, 14]
     assert all(r.tokens[:10] == list(ctx) for r in rows)
     assert sorted(s.index for r in rows for s in r.scored) == [0, 1, 2, 3]
+
+
+def test_prefix_groups_share_long_common_prefixes_and_leave_the_rest_alone():
+    shot_a = tuple(range(100, 130))  # two "few-shot" families of 30 shared tokens
+    shot_b = tuple(range(200, 230))
+    contexts = [shot_a + (1, i) for i in range(3)] + [shot_b + (2, i, i) for i in range(2)] + [(7, 8, 9)]
+    rows = pack_rows([TokenRequest(i, ctx, (50,)) for i, ctx in enumerate(contexts)], max_length=100)
+    groups, alone = prefix_groups(rows, min_prefix=16, min_group_tokens=0)
+    by_prefix = {g.prefix: sorted(g.rows) for g in groups}
+    assert by_prefix == {shot_a + (1,): [0, 1, 2], shot_b + (2,): [3, 4]}
+    assert alone == [5]
+    # Too short a prefix, or too few tokens in the group: no group.
+    assert prefix_groups(rows, min_prefix=40, min_group_tokens=0)[0] == []
+    assert prefix_groups(rows, min_prefix=16, min_group_tokens=10_000)[0] == []
+
+
+def test_prefix_groups_keep_one_long_prefix_rather_than_a_short_one_for_all():
+    # Families share 21 tokens among themselves and 17 across: two groups save more than one.
+    common = tuple(range(17))
+    contexts = [common + (300 + f,) * 3 + (f, i) for f in range(2) for i in range(4)]
+    rows = pack_rows([TokenRequest(i, ctx, (50,)) for i, ctx in enumerate(contexts)], max_length=100)
+    groups, _ = prefix_groups(rows, min_prefix=16, min_group_tokens=0)
+    assert sorted(len(g.prefix) for g in groups) == [21, 21]
+    # A context's last token is never part of the prefix: it scores the continuation.
+    same = pack_rows([TokenRequest(i, common, (50 + i, 60, 70)) for i in range(3)], 100, max_row_tokens=18)
+    assert len(same) == 3  # one context, repeated over three rows
+    (group,), _ = prefix_groups(same, min_prefix=8, min_group_tokens=0)
+    assert len(group.prefix) == len(common) - 1
+
+
+def test_strip_prefix_keeps_positions_and_attaches_the_rest_to_the_prefix():
+    (row,) = pack_rows([TokenRequest(0, (1, 2, 3, 4), (5, 6)), TokenRequest(1, (1, 2, 3, 4), (7,))], 100)
+    suffix = strip_prefix(row, 2)
+    assert suffix.tokens == [3, 4, 5]
+    assert suffix.positions == [2, 3, 4]
+    assert suffix.parents == [-1, 0, 1]
+    assert {s.index: s.nodes for s in suffix.scored} == {0: [1, 2], 1: [1]}
+    with pytest.raises(ValueError):
+        strip_prefix(row, 4)
 
 
 def test_truncate_request_keeps_the_window_hflm_feeds():
@@ -201,6 +242,42 @@ def test_scores_do_not_depend_on_batching(arch, add_bos):
             assert max(range(4), key=lambda k: single[letters][k][0]) == max(
                 range(4), key=lambda k: results[letters][k][0]
             )
+
+
+def _few_shot_requests(n_docs: int = 6) -> list[Instance]:
+    """Few-shot prompts: every context begins with the same worked examples."""
+    shots = "".join(
+        d["question"] + "\nAnswer: " + d["choices"][d["answer"]] + "\n\n" for d in mmlu_docs(3, seed=7)
+    )
+    requests = []
+    for i, doc in enumerate(mmlu_docs(n_docs, seed=2)):
+        for cont in (" A", " B", " C", " D"):
+            requests.append(Instance("loglikelihood", {}, (shots + doc["question"] + "\nAnswer:", cont), i))
+        for choice in doc["choices"]:
+            requests.append(Instance("loglikelihood", {}, (shots + "Q: " + doc["question"] + "\nA:", " " + choice), i))
+    return requests
+
+
+@pytest.mark.parametrize("arch,add_bos", ARCHS)
+def test_shared_prefixes_run_once_with_the_same_scores_as_hflm(arch, add_bos):
+    tokenizer = make_tokenizer(add_bos=add_bos)
+    model = make_model(arch, len(tokenizer))
+    requests = _few_shot_requests()
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4).loglikelihood(requests)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens=256)
+    ours = engine.loglikelihood(requests)
+    assert engine.stats.score_prefixes >= 1
+    # The prefix (longer than Gemma's sliding window of 6 here) was computed once, not per context.
+    unshared = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", share_prefixes=False)
+    plain = unshared.loglikelihood(requests)
+    assert unshared.stats.score_prefixes == 0
+    assert engine.stats.score_row_tokens < 0.6 * unshared.stats.score_row_tokens
+    for other in (ours, plain):
+        assert _max_diff(reference, other) < 1e-3
+        assert [r[1] for r in reference] == [o[1] for o in other]
+    assert _max_diff(plain, ours) < 1e-4
+    single = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=1).loglikelihood(requests)
+    assert _max_diff(single, ours) < 1e-4
 
 
 @pytest.mark.parametrize("arch,add_bos", [("qwen2", False), ("gemma3", True)])

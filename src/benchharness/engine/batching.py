@@ -6,6 +6,10 @@ through the model once however many continuations share it, and continuations
 that share leading tokens share those too. Each tree node is one input token; it
 attends to its ancestors only (the attention mask is built in `scoring.py`).
 
+Different contexts that begin alike (few-shot examples, a shared instruction) form a
+prefix group: the shared prefix is run once and its keys and values are reused by
+every row of the group, which then holds only what follows the prefix.
+
 Rows are sorted by length (longest first, so an out-of-memory shows up at once)
 and packed into lanes of equal length (several short trees may share a lane, each
 seeing only itself), batches of lanes whose padded size stays within a token budget.
@@ -41,8 +45,9 @@ class PackedRow:
 
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    parents: list[int] = field(default_factory=list)  # -1 for the root
+    parents: list[int] = field(default_factory=list)  # -1 for the root (or: attached to the group's prefix)
     scored: list[ScoredRequest] = field(default_factory=list)
+    context_length: int = 0  # the leading tokens that are the shared context (the trunk)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -103,7 +108,9 @@ def pack_rows(
 
 def _new_row(context: tuple[int, ...]) -> PackedRow:
     n = len(context)
-    return PackedRow(tokens=list(context), positions=list(range(n)), parents=list(range(-1, n - 1)))
+    return PackedRow(
+        tokens=list(context), positions=list(range(n)), parents=list(range(-1, n - 1)), context_length=n
+    )
 
 
 def _add_branch(row: PackedRow, children: dict[tuple[int, int], int], request: TokenRequest) -> None:
@@ -173,7 +180,103 @@ def concatenate_rows(rows: Sequence[PackedRow]) -> PackedRow:
     return lane
 
 
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Rows whose contexts all begin with `prefix`: it is computed once for all of them."""
+
+    prefix: tuple[int, ...]
+    rows: list[int]
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prefix_groups(
+    rows: Sequence[PackedRow], min_prefix: int, min_group_tokens: int
+) -> tuple[list[PrefixGroup], list[int]]:
+    """Choose shared prefixes: (groups, rows left on their own).
+
+    Contexts are sorted so that those sharing a prefix are neighbours; a run of
+    neighbours is split where they share least, recursively, keeping at each level
+    whichever saves more tokens: one prefix for the whole run, or the best split of it.
+    A prefix leaves at least one context token in each row (the last one scores the
+    first continuation token). A group needs a prefix of `min_prefix` tokens and rows
+    of `min_group_tokens` in all, so that its batches are not mostly empty.
+    """
+    contexts = [tuple(row.tokens[: row.context_length]) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: contexts[i])
+    shared = [
+        min(_common_length(contexts[a], contexts[b]), len(contexts[a]) - 1, len(contexts[b]) - 1)
+        for a, b in zip(order, order[1:], strict=False)
+    ]
+
+    def best(lo: int, hi: int, depth: int) -> tuple[int, list[tuple[int, int, int]]]:
+        """(tokens saved, [(lo, hi, prefix length)]) for sorted rows order[lo:hi]."""
+        if hi - lo < 2:
+            return 0, []
+        length = min(shared[lo : hi - 1])
+        whole = 0
+        if length >= min_prefix and sum(len(rows[order[k]]) for k in range(lo, hi)) >= min_group_tokens:
+            whole = (hi - lo - 1) * length
+        if depth > 64:  # pathological nesting: stop refining
+            return (whole, [(lo, hi, length)]) if whole else (0, [])
+        saved, parts, start = 0, [], lo
+        for k in range(lo, hi):
+            if k == hi - 1 or shared[k] == length:
+                part_saved, part_groups = best(start, k + 1, depth + 1)
+                saved += part_saved
+                parts += part_groups
+                start = k + 1
+        if whole > saved:
+            return whole, [(lo, hi, length)]
+        return saved, parts
+
+    _, chosen = best(0, len(rows), 0)
+    groups = [
+        PrefixGroup(prefix=contexts[order[lo]][:length], rows=[order[k] for k in range(lo, hi)])
+        for lo, hi, length in chosen
+    ]
+    grouped = {i for group in groups for i in group.rows}
+    return groups, [i for i in range(len(rows)) if i not in grouped]
+
+
+def strip_prefix(row: PackedRow, length: int) -> PackedRow:
+    """The row without its first `length` tokens: what follows a group's prefix.
+
+    Positions stay absolute; the first remaining token's parent becomes -1, which in
+    a prefixed batch means "attached to the prefix" (every remaining token sees it all).
+    """
+    if not 0 < length < row.context_length:
+        raise ValueError(f"a prefix of {length} tokens does not leave a context token in a row of {row.context_length}")
+    return PackedRow(
+        tokens=row.tokens[length:],
+        positions=row.positions[length:],
+        parents=[p - length if p >= length else -1 for p in row.parents[length:]],
+        scored=[
+            ScoredRequest(index=s.index, nodes=[n - length for n in s.nodes], targets=list(s.targets))
+            for s in row.scored
+        ],
+        context_length=row.context_length - length,
+    )
+
+
 def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
-    """The fewest input tokens the requests need: each distinct context once, plus the
-    distinct continuation prefixes scored against it (the token-tree size per context)."""
-    return sum(len(row) for row in pack_rows(requests, max_length, max_row_tokens=None))
+    """The fewest input tokens the requests need: each distinct token sequence prefix once,
+    that is the nodes of a trie over every (context + continuation[:-1])."""
+    root: dict[int, dict] = {}
+    nodes = 0
+    for request in requests:
+        truncated = truncate_request(request, max_length)
+        node = root
+        for token in truncated.context + truncated.continuation[:-1]:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = {}
+                nodes += 1
+            node = child
+    return nodes

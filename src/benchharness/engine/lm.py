@@ -40,16 +40,20 @@ from benchharness.engine.batching import (
     minimum_tokens,
     pack_rows,
     plan_batches,
+    prefix_groups,
+    strip_prefix,
 )
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
-from benchharness.engine.scoring import HeadQueue, run_body
+from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_MAX_GEN_TOKS = 256
 _DEFAULT_MAX_ROWS = 64
 _MIN_ROW_SPLIT_TOKENS = 2048
+# Contexts sharing fewer leading tokens than this are not worth a prefix group.
+_MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -58,6 +62,7 @@ class EngineStats:
 
     score_requests: int = 0
     score_forwards: int = 0
+    score_prefixes: int = 0  # shared prefixes run once for a group of rows
     score_rows: int = 0
     score_padded_tokens: int = 0  # tokens the body computed, padding included
     score_row_tokens: int = 0  # tokens in the packed rows
@@ -88,6 +93,7 @@ class BenchEngineLM(TemplateLM):
         prefix_token_id: int | None = None,
         seed: int = 1234,
         max_row_tokens: int | None = None,
+        share_prefixes: bool = True,
         check_model: bool = True,
         **unused: Any,
     ) -> None:
@@ -121,6 +127,7 @@ class BenchEngineLM(TemplateLM):
                 raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
         self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens else None
         self._max_row_tokens = int(max_row_tokens) if max_row_tokens else None
+        self._share_prefixes = _as_bool("share_prefixes", share_prefixes)
         self._budget: BudgetChoice | None = None
         if self._max_batch_tokens is not None:
             self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
@@ -295,24 +302,49 @@ class BenchEngineLM(TemplateLM):
         if max_row_tokens is None and budget is not None:
             max_row_tokens = max(4 * budget, _MIN_ROW_SPLIT_TOKENS)
         rows = pack_rows(requests, self.max_length, max_row_tokens=max_row_tokens)
-        batches = plan_batches(rows, token_budget=budget, max_lanes=None if self._auto else self._max_rows)
+        max_lanes = None if self._auto else self._max_rows
+        if self._share_prefixes:
+            groups, alone = prefix_groups(rows, _MIN_SHARED_PREFIX, min_group_tokens=budget or 0)
+        else:
+            groups, alone = [], list(range(len(rows)))
+        # (shared prefix or None, its rows, their batches)
+        work: list[tuple[tuple[int, ...] | None, list[PackedRow], list[list[list[int]]]]] = []
+        if alone:
+            alone_rows = [rows[i] for i in alone]
+            work.append((None, alone_rows, plan_batches(alone_rows, token_budget=budget, max_lanes=max_lanes)))
+        for group in groups:
+            suffixes = [strip_prefix(rows[i], len(group.prefix)) for i in group.rows]
+            work.append((group.prefix, suffixes, plan_batches(suffixes, token_budget=budget, max_lanes=max_lanes)))
+
         results: dict[int, tuple[float, bool]] = {}
         queue = HeadQueue(self._split)
-        for batch in tqdm(batches, disable=disable_tqdm, desc="benchharness loglikelihood"):
-            lanes = [concatenate_rows([rows[i] for i in lane]) for lane in batch]
-            self._body_with_backoff(lanes, queue)
-            if queue.full:
-                queue.flush(results)
+        progress = tqdm(
+            total=sum(len(batches) for _, _, batches in work), disable=disable_tqdm, desc="benchharness loglikelihood"
+        )
+        for prefix_tokens, group_rows, batches in work:
+            prefix = None
+            if prefix_tokens is not None:
+                prefix = run_prefix(self._split, prefix_tokens)
+                self.stats.score_prefixes += 1
+                self.stats.score_padded_tokens += prefix.length
+                self.stats.score_row_tokens += prefix.length
+            for batch in batches:
+                lanes = [concatenate_rows([group_rows[i] for i in lane]) for lane in batch]
+                self._body_with_backoff(lanes, queue, prefix)
+                if queue.full:
+                    queue.flush(results)
+                progress.update(1)
+        progress.close()
         queue.flush(results)
         self.stats.score_requests += len(requests)
         self.stats.score_min_tokens += minimum_tokens(requests, self.max_length)
         return results
 
-    def _body_with_backoff(self, rows: list[PackedRow], queue: HeadQueue) -> None:
+    def _body_with_backoff(self, rows: list[PackedRow], queue: HeadQueue, prefix: PrefixState | None) -> None:
         """Run a batch through the body into the output-layer queue; on GPU out-of-memory,
         split it in two and try again."""
         try:
-            body = run_body(self._split, rows, self.tokenizer.pad_token_id or 0)
+            body = run_body(self._split, rows, self.tokenizer.pad_token_id or 0, prefix)
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
@@ -320,8 +352,8 @@ class BenchEngineLM(TemplateLM):
             if self._device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(rows) // 2
-            self._body_with_backoff(rows[:half], queue)
-            self._body_with_backoff(rows[half:], queue)
+            self._body_with_backoff(rows[:half], queue, prefix)
+            self._body_with_backoff(rows[half:], queue, prefix)
             return
         queue.add(body)
         counts = body.counts
@@ -444,6 +476,17 @@ class BenchEngineLM(TemplateLM):
         pbar.close()
         self.stats.generate_requests += len(requests)
         return [o if o is not None else "" for o in outputs]
+
+
+def _as_bool(name: str, value: bool | str) -> bool:
+    """A flag given as a bool, or as text in lm-eval's `--model_args name=true`."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def stats_as_dict(stats: EngineStats) -> dict[str, int]:

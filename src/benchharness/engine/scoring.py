@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from benchharness.engine.batching import PackedRow
 from benchharness.engine.head import SplitModel, UnsupportedModelError
@@ -48,30 +49,36 @@ def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
 
 
 def build_attention_masks(
-    split: SplitModel, rows: Sequence[PackedRow], length: int
+    split: SplitModel, rows: Sequence[PackedRow], length: int, prefix_length: int = 0
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The 4D mask(s) for a right-padded batch of rows, in the form the model's attention expects.
 
+    With a prefix (keys and values of `prefix_length` tokens already in the cache, at
+    positions 0..prefix_length-1), every query also sees all of the prefix.
     Models with sliding-window layers (Gemma 3, Qwen2 with sliding windows) get one
     mask per layer type; the sliding one also hides keys `window` or more positions back,
     as transformers' `sliding_window_overlay` does.
     """
     batch = len(rows)
-    full = np.zeros((batch, length, length), dtype=bool)
-    positions = np.zeros((batch, length), dtype=np.int64)
+    full = np.zeros((batch, length, prefix_length + length), dtype=bool)
+    full[:, :, :prefix_length] = True
+    query_positions = np.zeros((batch, length), dtype=np.int64)
     for b, row in enumerate(rows):
         n = len(row)
-        full[b, :n, :n] = ancestor_mask(row.parents)
-        positions[b, :n] = row.positions
+        full[b, :n, prefix_length : prefix_length + n] = ancestor_mask(row.parents)
+        query_positions[b, :n] = row.positions
         # Padding queries see themselves only: a fully masked row would give NaN in SDPA.
         pad = np.arange(n, length)
-        full[b, pad, pad] = True
+        full[b, pad, prefix_length + pad] = True
+    key_positions = np.concatenate(
+        [np.broadcast_to(np.arange(prefix_length), (batch, prefix_length)), query_positions], axis=1
+    )
 
     masks = {"full_attention": full}
     layer_types = set(getattr(split.config, "layer_types", None) or [])
     if "sliding_attention" in layer_types:
         window = int(split.config.sliding_window)
-        distance = positions[:, :, None] - positions[:, None, :]
+        distance = query_positions[:, :, None] - key_positions[:, None, :]
         sliding = full & (distance < window)
         masks["sliding_attention"] = sliding
     other = layer_types - set(masks)
@@ -115,9 +122,36 @@ class BodyOutput:
     counts: BatchCounts
 
 
+@dataclass
+class PrefixState:
+    """A group's shared prefix after one forward: its keys and values per layer ([1, heads, length, dim])."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.inference_mode()
-def run_body(split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int) -> BodyOutput:
-    """Run one batch of rows through the body; keep the hidden states of the scored nodes only."""
+def run_prefix(split: SplitModel, prefix: Sequence[int]) -> PrefixState:
+    """Run a shared prefix once, keeping its keys and values."""
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=split.device)
+    # A cache of full layers (no config): sliding-window layers keep every key too, and the
+    # masks built for the rows that follow hide what the window excludes.
+    cache = DynamicCache()
+    split.body(
+        input_ids=ids,
+        position_ids=torch.arange(len(prefix), device=split.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return PrefixState(length=len(prefix), layers=[(keys, values) for keys, values, *_ in cache])
+
+
+@torch.inference_mode()
+def run_body(
+    split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int, prefix: PrefixState | None = None
+) -> BodyOutput:
+    """Run one batch of rows through the body (after `prefix`, if given); keep the hidden
+    states of the scored nodes only."""
     length = max(len(row) for row in rows)
     device = split.device
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
@@ -125,10 +159,20 @@ def run_body(split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int) ->
     for b, row in enumerate(rows):
         input_ids[b, : len(row)] = torch.tensor(row.tokens, dtype=torch.long)
         position_ids[b, : len(row)] = torch.tensor(row.positions, dtype=torch.long)
-    if all(_is_chain(row) for row in rows):
+    past = None
+    if prefix is not None:
+        mask: torch.Tensor | dict[str, torch.Tensor] = build_attention_masks(split, rows, length, prefix.length)
+        # `update` concatenates onto these, so the expanded (not copied) prefix is copied once per batch.
+        past = DynamicCache(
+            ddp_cache_data=[
+                (keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
+                for keys, values in prefix.layers
+            ]
+        )
+    elif all(_is_chain(row) for row in rows):
         # Plain causal rows (single-token answers, rolling windows): a 2D padding mask lets
         # transformers build its own causal masks (or none at all), the cheapest path.
-        mask: torch.Tensor | dict[str, torch.Tensor] = torch.zeros((len(rows), length), dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
         for b, row in enumerate(rows):
             mask[b, : len(row)] = 1
         mask = mask.to(device)
@@ -139,7 +183,8 @@ def run_body(split: SplitModel, rows: Sequence[PackedRow], pad_token_id: int) ->
         input_ids=input_ids.to(device),
         attention_mask=mask,
         position_ids=position_ids.to(device),
-        use_cache=False,
+        past_key_values=past,
+        use_cache=past is not None,
     ).last_hidden_state  # [rows, length, hidden]
 
     # Unique scored nodes across the batch, as flat indices into [rows * length].
