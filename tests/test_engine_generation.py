@@ -104,3 +104,31 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant():
     assert first == again
     assert first != other
     assert first != greedy
+
+
+def _few_shot_requests(gen_kwargs: dict, n: int = 6) -> list[Instance]:
+    shots = "".join(d["question"] + "\nAnswer: " + d["choices"][0] + "\n\n" for d in mmlu_docs(3, seed=5))
+    docs = mmlu_docs(n, seed=6)
+    prompts = [shots + d["question"] * (1 + i % 2) + "\nAnswer:" for i, d in enumerate(docs)]
+    return [Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("arch,shares", [("llama", True), ("qwen2", True), ("gemma3", False)])
+def test_prompts_sharing_few_shot_examples_run_them_once_with_hflms_outputs(arch, shares):
+    tokenizer = make_tokenizer()
+    model = make_model(arch, len(tokenizer))
+    model.generation_config.eos_token_id = _frequent_token(model, tokenizer)  # rows leave the batch early
+    requests = _few_shot_requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW})
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
+    assert engine.generate_until(requests) == reference
+    # Gemma's sliding window (6 here) is shorter than the prompts: its prompts run whole.
+    assert engine.stats.generate_prefixes == (1 if shares else 0)
+    unshared = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", share_prefixes=False)
+    assert unshared.generate_until(requests) == reference
+    if shares:
+        assert engine.stats.prefill_tokens < 0.6 * unshared.stats.prefill_tokens
+    sampled = _few_shot_requests({"until": [], "do_sample": True, "temperature": 3.0, "max_gen_toks": MAX_NEW})
+    assert BenchEngineLM(model=model, tokenizer=tokenizer, seed=3).generate_until(sampled) == BenchEngineLM(
+        model=model, tokenizer=tokenizer, seed=3, share_prefixes=False
+    ).generate_until(sampled)

@@ -197,19 +197,20 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def prefix_groups(
-    rows: Sequence[PackedRow], min_prefix: int, min_group_tokens: int
+    contexts: Sequence[Sequence[int]], sizes: Sequence[int], min_prefix: int, min_group_tokens: int
 ) -> tuple[list[PrefixGroup], list[int]]:
-    """Choose shared prefixes: (groups, rows left on their own).
+    """Choose shared prefixes for rows (or prompts) with these contexts and token counts:
+    (groups, indices left on their own).
 
     Contexts are sorted so that those sharing a prefix are neighbours; a run of
     neighbours is split where they share least, recursively, keeping at each level
     whichever saves more tokens: one prefix for the whole run, or the best split of it.
     A prefix leaves at least one context token in each row (the last one scores the
-    first continuation token). A group needs a prefix of `min_prefix` tokens and rows
+    first continuation token, or starts generation). A group needs a prefix of `min_prefix` tokens and rows
     of `min_group_tokens` in all, so that its batches are not mostly empty.
     """
-    contexts = [tuple(row.tokens[: row.context_length]) for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: contexts[i])
+    contexts = [tuple(context) for context in contexts]
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])
     shared = [
         min(_common_length(contexts[a], contexts[b]), len(contexts[a]) - 1, len(contexts[b]) - 1)
         for a, b in zip(order, order[1:], strict=False)
@@ -221,7 +222,7 @@ def prefix_groups(
             return 0, []
         length = min(shared[lo : hi - 1])
         whole = 0
-        if length >= min_prefix and sum(len(rows[order[k]]) for k in range(lo, hi)) >= min_group_tokens:
+        if length >= min_prefix and sum(sizes[order[k]] for k in range(lo, hi)) >= min_group_tokens:
             whole = (hi - lo - 1) * length
         if depth > 64:  # pathological nesting: stop refining
             return (whole, [(lo, hi, length)]) if whole else (0, [])
@@ -236,13 +237,13 @@ def prefix_groups(
             return whole, [(lo, hi, length)]
         return saved, parts
 
-    _, chosen = best(0, len(rows), 0)
+    _, chosen = best(0, len(contexts), 0)
     groups = [
         PrefixGroup(prefix=contexts[order[lo]][:length], rows=[order[k] for k in range(lo, hi)])
         for lo, hi, length in chosen
     ]
     grouped = {i for group in groups for i in group.rows}
-    return groups, [i for i in range(len(rows)) if i not in grouped]
+    return groups, [i for i in range(len(contexts)) if i not in grouped]
 
 
 def strip_prefix(row: PackedRow, length: int) -> PackedRow:

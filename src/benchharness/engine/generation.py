@@ -1,5 +1,6 @@
 """Batched decoding with a KV cache: greedy or seeded sampling, left padding,
 per-sequence stop strings and token limits; finished sequences leave the batch.
+Prompts that begin alike (few-shot examples) can start from their shared prefix's cache.
 
 The body is called with the same inputs `transformers.generate` builds (2D padding
 mask, positions from the mask's cumulative sum, a DynamicCache), so greedy outputs
@@ -16,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from benchharness.engine.head import SplitModel
+from benchharness.engine.scoring import PrefixState
 
 
 @dataclass(frozen=True)
@@ -89,30 +91,46 @@ def generate_batch(
     settings: DecodeSettings,
     pad_token_id: int,
     decode: Callable[[list[int]], str],
+    prefix: PrefixState | None = None,
 ) -> tuple[list[list[int]], DecodeCounts]:
     """Generate for a batch of tokenized prompts; return the new tokens per prompt (a final EOS included).
 
+    With `prefix` (the keys and values of the first `prefix.length` tokens, which every
+    prompt begins with), only what follows it is run: the batch's cache starts from the
+    prefix, then each row's left-padded rest (padding hidden by the attention mask).
     A sequence stops at an EOS id, when its decoded text contains a stop string,
     or after `max_new_tokens`; it then leaves the batch (its cache rows are dropped).
     """
     device = split.device
     batch = len(prompts)
-    width = max(len(p) for p in prompts)
+    shared = prefix.length if prefix is not None else 0
+    rests = [list(p)[shared:] for p in prompts]
+    if any(not rest for rest in rests):
+        raise ValueError("a shared prefix must leave at least one token of every prompt")
+    width = max(len(rest) for rest in rests)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        attention_mask[b, width - len(prompt) :] = 1
+    for b, rest in enumerate(rests):
+        input_ids[b, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        attention_mask[b, width - len(rest) :] = 1
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)
     # As transformers.generate: positions count real tokens; padding gets position 0... then 1 (masked anyway).
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + shared
+    if prefix is not None:
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values in prefix.layers
+            ]
+        )
+        attention_mask = torch.cat([attention_mask.new_ones((batch, shared)), attention_mask], dim=1)
+    else:
+        cache = DynamicCache(config=split.config)
 
     generators = [_sequence_generator(settings, p, device) for p in prompts] if settings.do_sample else []
     histories = [list(p) for p in prompts] if settings.repetition_penalty != 1.0 else []
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(batch))  # original indices of the rows still in the batch
-    cache = DynamicCache(config=split.config)
     steps = 0
 
     hidden = split.body(
@@ -172,7 +190,7 @@ def generate_batch(
         ).last_hidden_state[:, -1]
 
     counts = DecodeCounts(
-        prefill_tokens=batch * width,
+        prefill_tokens=batch * width,  # the shared prefix is counted where it is run
         decode_steps=steps,
         generated_tokens=sum(len(o) for o in outputs),
     )

@@ -70,6 +70,7 @@ class EngineStats:
     score_min_tokens: int = 0  # the fewest tokens the requests need (each context and prefix once)
     generate_requests: int = 0
     generate_batches: int = 0
+    generate_prefixes: int = 0  # shared prompt prefixes run once for a group of prompts
     prefill_tokens: int = 0
     decode_steps: int = 0
     generated_tokens: int = 0
@@ -304,7 +305,12 @@ class BenchEngineLM(TemplateLM):
         rows = pack_rows(requests, self.max_length, max_row_tokens=max_row_tokens)
         max_lanes = None if self._auto else self._max_rows
         if self._share_prefixes:
-            groups, alone = prefix_groups(rows, _MIN_SHARED_PREFIX, min_group_tokens=budget or 0)
+            groups, alone = prefix_groups(
+                [row.tokens[: row.context_length] for row in rows],
+                [len(row) for row in rows],
+                _MIN_SHARED_PREFIX,
+                min_group_tokens=budget or 0,
+            )
         else:
             groups, alone = [], list(range(len(rows)))
         # (shared prefix or None, its rows, their batches)
@@ -424,6 +430,35 @@ class BenchEngineLM(TemplateLM):
         )
         return settings, until
 
+    def _generation_groups(
+        self, prompts: dict[int, list[int]], max_new: int
+    ) -> list[tuple[tuple[int, ...] | None, list[int]]]:
+        """Prompts grouped by a shared prefix to run once (None: prompts run whole).
+
+        A group must fill at least half a decoding batch (or hold every prompt), since
+        decoding costs about as much per step for a few rows as for a full batch. Models
+        with sliding-window layers share only when no sequence can outgrow the window:
+        transformers measures the window in cache slots, and the padding that sits between
+        the prefix and a prompt's rest would shift them.
+        """
+        indices = list(prompts)
+        if not self._share_prefixes:
+            return [(None, indices)]
+        min_members = min(len(indices), max(2, (self._max_rows or _DEFAULT_MAX_ROWS) // 2))
+        groups, alone = prefix_groups(
+            [prompts[i] for i in indices], [1] * len(indices), _MIN_SHARED_PREFIX, min_group_tokens=min_members
+        )
+        layer_types = set(getattr(self._model.config, "layer_types", None) or [])
+        window = getattr(self._model.config, "sliding_window", None)
+        longest = max(len(p) for p in prompts.values())
+        if "sliding_attention" in layer_types and window is not None and longest + max_new > int(window):
+            return [(None, indices)]
+        work: list[tuple[tuple[int, ...] | None, list[int]]] = []
+        if alone:
+            work.append((None, [indices[k] for k in alone]))
+        work.extend((group.prefix, [indices[k] for k in group.rows]) for group in groups)
+        return work
+
     def _generation_rows(self, width: int, max_new: int) -> int:
         """Rows per decoding batch: the row cap; on CUDA also the token budget over the sequence length."""
         rows = self._max_rows or _DEFAULT_MAX_ROWS
@@ -450,29 +485,36 @@ class BenchEngineLM(TemplateLM):
                     f"within the model's maximum length {self.max_length}"
                 )
             prompts = {i: self._encode_prompt(requests[i].args[0], max_ctx_len) for i in indices}
-            order = sorted(indices, key=lambda i: -len(prompts[i]))  # longest first, little left padding
-            start = 0
-            while start < len(order):
-                rows = self._generation_rows(len(prompts[order[start]]), settings.max_new_tokens)
-                chunk = order[start : start + rows]
-                start += len(chunk)
-                tokens, counts = generate_batch(
-                    self._split,
-                    [prompts[i] for i in chunk],
-                    settings,
-                    pad_token_id=self.tokenizer.pad_token_id or 0,
-                    decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
-                )
-                self.stats.generate_batches += 1
-                self.stats.prefill_tokens += counts.prefill_tokens
-                self.stats.decode_steps += counts.decode_steps
-                self.stats.generated_tokens += counts.generated_tokens
-                for i, new_tokens in zip(chunk, tokens, strict=True):
-                    text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-                    text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-                    outputs[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
-                    pbar.update(1)
+            for prefix_tokens, members in self._generation_groups(prompts, settings.max_new_tokens):
+                prefix = None
+                if prefix_tokens is not None:
+                    prefix = run_prefix(self._split, prefix_tokens)
+                    self.stats.generate_prefixes += 1
+                    self.stats.prefill_tokens += prefix.length
+                order = sorted(members, key=lambda i: -len(prompts[i]))  # longest first, little left padding
+                start = 0
+                while start < len(order):
+                    rows = self._generation_rows(len(prompts[order[start]]), settings.max_new_tokens)
+                    chunk = order[start : start + rows]
+                    start += len(chunk)
+                    tokens, counts = generate_batch(
+                        self._split,
+                        [prompts[i] for i in chunk],
+                        settings,
+                        pad_token_id=self.tokenizer.pad_token_id or 0,
+                        decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+                        prefix=prefix,
+                    )
+                    self.stats.generate_batches += 1
+                    self.stats.prefill_tokens += counts.prefill_tokens
+                    self.stats.decode_steps += counts.decode_steps
+                    self.stats.generated_tokens += counts.generated_tokens
+                    for i, new_tokens in zip(chunk, tokens, strict=True):
+                        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+                        text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+                        outputs[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        pbar.update(1)
         pbar.close()
         self.stats.generate_requests += len(requests)
         return [o if o is not None else "" for o in outputs]
