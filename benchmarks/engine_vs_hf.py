@@ -8,9 +8,12 @@ generation, how many outputs are identical), token efficiency (the fewest tokens
 the requests need over the tokens the body computed, padding included), and the
 achieved useful FLOP/s over this machine's matmul FLOP/s measured in the same run.
 
-Useful FLOPs count each needed token once through the body's linear layers and
-the output layer once per scored position (attention score FLOPs are left out,
-which understates both engines alike).
+The fewest tokens are each distinct token prefix once: the nodes of a trie over
+every request's context and continuation, so a prefix that several contexts share
+(the task description, few-shot examples) counts once. Useful FLOPs count each of
+those tokens once through the body's linear layers and the output layer once per
+scored position (attention score FLOPs are left out, which understates both
+engines alike).
 
     .venv/bin/python benchmarks/engine_vs_hf.py \
         --model-dir smollm2=/path/to/smollm2 --model-dir gemma3=/path/to/gemma3 \

@@ -1,4 +1,5 @@
-"""Token accounting of the evaluation: each distinct context counts once, continuations always."""
+"""Token accounting of the evaluation: each distinct token prefix counts once (shared contexts and
+few-shot examples once), continuations always."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def test_shared_contexts_count_once(tiny_model_dir: Path) -> None:
     assert metered.generate_prompt_tokens == n(question)
     assert metered.prompt_tokens == n(question) + n(other) + metered.scored_tokens  # scoring counts stay apart
     assert metered.score_seconds >= 0 and metered.generate_seconds >= 0
+
+
+def test_few_shot_examples_shared_by_contexts_and_prompts_count_once(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    shots = "Question: two plus two?\nAnswer: four\n\nQuestion: three plus one?\nAnswer: four\n\n"
+    first, second = shots + "Question: one plus one?\nAnswer:", shots + "Question: five minus two?\nAnswer:"
+    shared = next(k for k, (a, b) in enumerate(zip(ids(first), ids(second))) if a != b)
+    assert shared >= len(ids(shots)) - 1  # the examples really are a shared token prefix
+    metered = MeteredLM(_Echo(), tok)
+    metered.loglikelihood([_req("loglikelihood", (first, " two")), _req("loglikelihood", (second, " three"))])
+    assert metered.prompt_tokens == len(ids(first)) + len(ids(" two")) + len(ids(second)) + len(ids(" three")) - shared
+    metered.generate_until([_req("generate_until", (p, {"until": ["\n"]})) for p in (first, second)])
+    assert metered.generate_prompt_tokens == len(ids(first)) + len(ids(second)) - shared

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import LM
 
+from benchharness.engine.batching import distinct_prefix_tokens
+
 if TYPE_CHECKING:
     from benchharness.distributed import DistContext
 
@@ -17,10 +19,11 @@ class MeteredLM(LM):
 
     Tokens are counted with the model's tokenizer, without special tokens:
     `prompt_tokens` is what the requests minimally need through the model: each distinct
-    context once plus every continuation (so engines that repeat shared contexts are not
-    credited for the repeats), `scored_tokens` the continuation tokens alone,
-    `generated_tokens` the tokens of every generated answer and `generate_prompt_tokens`
-    the prompts they were generated from.
+    token prefix of their context + continuation once (so a context, or few-shot examples,
+    shared by many requests count once, and engines that repeat them are not credited for
+    the repeats), `scored_tokens` the continuation tokens alone, `generated_tokens` the
+    tokens of every generated answer and `generate_prompt_tokens` the prompts they were
+    generated from, each distinct prompt prefix once.
 
     With `dist` (a data-parallel run) it tells lm-eval this process's rank and the world size,
     and does lm-eval's collectives over torch.distributed: lm-eval then gives the inner
@@ -99,21 +102,24 @@ class MeteredLM(LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.inner.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
+    def _tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
     def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        return len(self._tokens(text))
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         started = time.perf_counter()
         out = self.inner.loglikelihood(requests, disable_tqdm=disable_tqdm)
         self.score_seconds += time.perf_counter() - started
         self.requests += len(requests)
-        contexts: set[str] = set()
+        sequences: list[list[int]] = []
         for req in requests:
             context, continuation = req.args
-            scored = self._count(continuation)
-            self.scored_tokens += scored
-            self.prompt_tokens += scored + (self._count(context) if context not in contexts else 0)
-            contexts.add(context)
+            continuation_tokens = self._tokens(continuation)
+            self.scored_tokens += len(continuation_tokens)
+            sequences.append(self._tokens(context) + continuation_tokens)
+        self.prompt_tokens += distinct_prefix_tokens(sequences)
         return out
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -132,8 +138,8 @@ class MeteredLM(LM):
         out = self.inner.generate_until(requests, disable_tqdm=disable_tqdm)
         self.generate_seconds += time.perf_counter() - started
         self.requests += len(requests)
-        for req, text in zip(requests, out):
-            self.generate_prompt_tokens += self._count(req.args[0])
+        self.generate_prompt_tokens += distinct_prefix_tokens(self._tokens(req.args[0]) for req in requests)
+        for text in out:
             self.generated_tokens += self._count(text)
         return out
 

@@ -38,26 +38,28 @@ class BudgetChoice:
         return asdict(self)
 
 
-def _body_forward(split: SplitModel, rows: int, length: int) -> None:
+def _body_forward(split: SplitModel, rows: int, length: int, output_layer: bool) -> None:
     vocab = int(split.output_layer.weight.shape[0])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, length), generator=generator).to(split.device)
     with torch.inference_mode():
         hidden = split.body(input_ids=ids, use_cache=False).last_hidden_state
-        split.log_probs(hidden[:, -1])  # the output layer on one row per sequence, as scoring does
+        if output_layer:  # memory: one row of logits per sequence, as scoring may hold
+            split.log_probs(hidden[:, -1])
 
 
 def probe_cpu_budget(split: SplitModel) -> BudgetChoice:
     """Fit forward time as `fixed + per_token * tokens` from two small shapes, then take the
     smallest power-of-two budget at which the fixed per-forward cost (Python, kernel launches,
     small-matrix inefficiency) is at most 5% of a forward. Costs ~200 tokens of compute."""
-    _body_forward(split, 1, _CPU_PROBE_ROW_TOKENS)  # warm-up: allocator, thread pool, kernels
+    # The body only: the output layer runs apart, on the scored rows of many batches at once.
+    _body_forward(split, 1, _CPU_PROBE_ROW_TOKENS, output_layer=False)  # warm-up: allocator, thread pool, kernels
     probes: list[dict[str, float]] = []
     for rows in _CPU_PROBE_ROWS:
         best = float("inf")
         for _ in range(_CPU_PROBE_REPEATS):  # min of repeats: other load on the machine only adds time
             start = time.perf_counter()
-            _body_forward(split, rows, _CPU_PROBE_ROW_TOKENS)
+            _body_forward(split, rows, _CPU_PROBE_ROW_TOKENS, output_layer=False)
             best = min(best, time.perf_counter() - start)
         probes.append({"tokens": float(rows * _CPU_PROBE_ROW_TOKENS), "seconds": best})
     (n1, t1), (n2, t2) = ((p["tokens"], p["seconds"]) for p in probes)
@@ -78,7 +80,7 @@ def probe_cuda_budget(split: SplitModel, max_length: int) -> BudgetChoice:
     probes: list[dict[str, float]] = []
     while budget >= length:
         try:
-            _body_forward(split, max(1, budget // length), length)
+            _body_forward(split, max(1, budget // length), length, output_layer=True)
             probes.append({"tokens": float(budget), "fits": 1.0})
             torch.cuda.empty_cache()
             return BudgetChoice(token_budget=budget, method="cuda-oom-backoff", probes=probes)

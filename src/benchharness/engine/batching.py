@@ -17,7 +17,7 @@ seeing only itself), batches of lanes whose padded size stays within a token bud
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -266,18 +266,23 @@ def strip_prefix(row: PackedRow, length: int) -> PackedRow:
     )
 
 
-def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
-    """The fewest input tokens the requests need: each distinct token sequence prefix once,
-    that is the nodes of a trie over every (context + continuation[:-1])."""
+def distinct_prefix_tokens(sequences: Iterable[Sequence[int]]) -> int:
+    """Tokens in a trie over the sequences: each distinct token prefix counted once."""
     root: dict[int, dict] = {}
     nodes = 0
-    for request in requests:
-        truncated = truncate_request(request, max_length)
+    for sequence in sequences:
         node = root
-        for token in truncated.context + truncated.continuation[:-1]:
+        for token in sequence:
             child = node.get(token)
             if child is None:
                 child = node[token] = {}
                 nodes += 1
             node = child
     return nodes
+
+
+def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
+    """The fewest input tokens the requests need: each distinct token sequence prefix once,
+    that is the nodes of a trie over every (context + continuation[:-1])."""
+    truncated = (truncate_request(request, max_length) for request in requests)
+    return distinct_prefix_tokens(r.context + r.continuation[:-1] for r in truncated)
