@@ -133,6 +133,8 @@ def test_plan_batches_sorts_longest_first_packs_lanes_and_keeps_padded_size_with
     padded = sum(len(lanes) * len(rows[lanes[0][0]]) for lanes in batches)
     assert padded <= 120
     assert all(len(lanes) <= 2 for lanes in plan_batches(rows, token_budget=None, max_lanes=2))
+    # A prefix copied into every lane counts against the budget: lanes of 30 + 30 leave room for one.
+    assert all(len(lanes) == 1 for lanes in plan_batches(rows, token_budget=60, max_lanes=None, lane_overhead=30))
 
 
 def test_concatenated_rows_keep_their_positions_and_see_only_themselves():

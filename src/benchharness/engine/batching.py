@@ -130,8 +130,11 @@ def _add_branch(row: PackedRow, children: dict[tuple[int, int], int], request: T
     row.scored.append(ScoredRequest(index=request.index, nodes=nodes, targets=list(request.continuation)))
 
 
-def plan_batches(rows: Sequence[PackedRow], token_budget: int | None, max_lanes: int | None) -> list[list[list[int]]]:
-    """Rows per lane per batch: each batch is lanes of one length, lanes x length within the budget.
+def plan_batches(
+    rows: Sequence[PackedRow], token_budget: int | None, max_lanes: int | None, lane_overhead: int = 0
+) -> list[list[list[int]]]:
+    """Rows per lane per batch: each batch is lanes of one length, lanes x (length +
+    `lane_overhead`, e.g. a prefix copied into every lane's cache) within the budget.
 
     The lane length is the longest row left (rows go longest first, so an out-of-memory
     shows up at once); shorter rows are packed first-fit into lanes one after another,
@@ -142,7 +145,7 @@ def plan_batches(rows: Sequence[PackedRow], token_budget: int | None, max_lanes:
     batches: list[list[list[int]]] = []
     while remaining:
         lane_length = len(rows[remaining[0]])
-        lane_cap = max(1, token_budget // lane_length) if token_budget is not None else len(remaining)
+        lane_cap = max(1, token_budget // (lane_length + lane_overhead)) if token_budget is not None else len(remaining)
         if max_lanes is not None:
             lane_cap = min(lane_cap, max_lanes)
         lanes: list[list[int]] = []

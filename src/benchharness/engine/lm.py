@@ -67,7 +67,7 @@ class EngineStats:
     score_padded_tokens: int = 0  # tokens the body computed, padding included
     score_row_tokens: int = 0  # tokens in the packed rows
     score_output_rows: int = 0  # rows through the output layer
-    score_min_tokens: int = 0  # the fewest tokens the requests need (each context and prefix once)
+    score_min_tokens: int = 0  # the fewest tokens the requests need (each distinct token prefix once)
     generate_requests: int = 0
     generate_batches: int = 0
     generate_prefixes: int = 0  # shared prompt prefixes run once for a group of prompts
@@ -320,7 +320,11 @@ class BenchEngineLM(TemplateLM):
             work.append((None, alone_rows, plan_batches(alone_rows, token_budget=budget, max_lanes=max_lanes)))
         for group in groups:
             suffixes = [strip_prefix(rows[i], len(group.prefix)) for i in group.rows]
-            work.append((group.prefix, suffixes, plan_batches(suffixes, token_budget=budget, max_lanes=max_lanes)))
+            # On CUDA the budget bounds memory, and every lane holds its own copy of the prefix's
+            # keys and values; on CPU it bounds compute, which the prefix does not add to.
+            overhead = len(group.prefix) if self._device.type == "cuda" else 0
+            batches = plan_batches(suffixes, token_budget=budget, max_lanes=max_lanes, lane_overhead=overhead)
+            work.append((group.prefix, suffixes, batches))
 
         results: dict[int, tuple[float, bool]] = {}
         queue = HeadQueue(self._split)
