@@ -7,6 +7,7 @@ No test asserts anything about how fast something ran.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields
 
 import numpy as np
@@ -359,7 +360,12 @@ def test_eval_row_known_values() -> None:
 def test_memory_sampler_sees_an_allocation() -> None:
     with MemorySampler("cpu", interval_s=0.005) as memory:
         block = np.ones(256 * 1024 * 1024 // 8)  # 256 MiB, touched
-        block.sum()
+        # Keep it alive until the sampling thread has run twice: on a busy machine it may not
+        # get the GIL while numpy fills and sums the block.
+        seen = memory.samples
+        deadline = time.monotonic() + 10
+        while memory.samples < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
         del block
     assert memory.samples >= 2
     assert memory.peak_rss_mb >= memory.baseline_rss_mb + 200
