@@ -118,11 +118,7 @@ def generate_batch(
     # As transformers.generate: positions count real tokens; padding gets position 0... then 1 (masked anyway).
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + shared
     if prefix is not None:
-        cache = DynamicCache(
-            ddp_cache_data=[
-                (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values in prefix.layers
-            ]
-        )
+        cache = prefix.cache_for(batch)
         attention_mask = torch.cat([attention_mask.new_ones((batch, shared)), attention_mask], dim=1)
     else:
         cache = DynamicCache(config=split.config)

@@ -40,22 +40,25 @@ class SplitModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for hidden states of any leading shape, as the model's forward computes them."""
-        logits = self.output_layer(hidden)
-        if self.final_logit_softcapping is not None:
-            # Gemma 2/3 style: logits = cap * tanh(logits / cap), exactly as in their forward.
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self._softcap(self.output_layer(hidden))
 
     def logits_slice(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Logits of vocabulary entries [start, stop) only, as `logits` computes them."""
         weight = self.output_layer.weight[start:stop]
         bias = self.output_layer.bias
-        logits = torch.nn.functional.linear(hidden, weight, None if bias is None else bias[start:stop])
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        # Called on the weight directly, this skips the module's hooks: with `device_map`
+        # the output layer may sit on another device than the body's last hidden states.
+        logits = torch.nn.functional.linear(
+            hidden.to(weight.device), weight, None if bias is None else bias[start:stop]
+        )
+        return self._softcap(logits)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.final_logit_softcapping is None:
+            return logits
+        # Gemma 2/3 style: logits = cap * tanh(logits / cap), exactly as in their forward.
+        cap = self.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-softmax over the vocabulary, computed in fp32 whatever the model's dtype."""

@@ -131,6 +131,15 @@ class PrefixState:
     length: int
     layers: list[tuple[torch.Tensor, torch.Tensor]]
 
+    def cache_for(self, batch: int) -> DynamicCache:
+        """A cache holding the prefix for each of `batch` rows. The prefix is expanded, not
+        copied: the cache copies it once when it takes it, and the model appends to that."""
+        return DynamicCache(
+            ddp_cache_data=[
+                (keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values in self.layers
+            ]
+        )
+
 
 @torch.inference_mode()
 def run_prefix(split: SplitModel, prefix: Sequence[int]) -> PrefixState:
@@ -164,13 +173,7 @@ def run_body(
     past = None
     if prefix is not None:
         mask: torch.Tensor | dict[str, torch.Tensor] = build_attention_masks(split, rows, length, prefix.length)
-        # `update` concatenates onto these, so the expanded (not copied) prefix is copied once per batch.
-        past = DynamicCache(
-            ddp_cache_data=[
-                (keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
-                for keys, values in prefix.layers
-            ]
-        )
+        past = prefix.cache_for(len(rows))
     elif all(_is_chain(row) for row in rows):
         # Plain causal rows (single-token answers, rolling windows): a 2D padding mask lets
         # transformers build its own causal masks (or none at all), the cheapest path.
@@ -208,11 +211,6 @@ def run_body(
         scored_nodes=len(flat_index_of),
     )
     return BodyOutput(hidden=selected, pairs=pairs, counts=counts)
-
-
-def head_chunk_rows(split: SplitModel) -> int:
-    """Scored rows per pass over the output layer's weight."""
-    return _HEAD_ROWS
 
 
 @torch.inference_mode()
@@ -258,7 +256,7 @@ class HeadQueue:
 
     @property
     def full(self) -> bool:
-        return self._rows >= head_chunk_rows(self._split)
+        return self._rows >= _HEAD_ROWS
 
     def add(self, body: BodyOutput) -> None:
         offset = self._rows
