@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from benchharness import perf
+from benchharness.onednn import onednn_available
 from benchharness.perf import (
     MachineLimits,
     MemorySampler,
@@ -36,7 +37,9 @@ from benchharness.perf import (
     greedy_decode,
     hardware_info,
     load_timer,
+    matmul_kernels,
     matmul_params,
+    measure_machine_limits,
     measure_matmul_flops,
     measure_memory_bandwidth,
     model_flops_per_token,
@@ -389,6 +392,20 @@ def test_machine_limit_measurements_return_summaries() -> None:
     bandwidth = measure_memory_bandwidth("cpu", nbytes=1024 * 1024, min_seconds=0.0, warmup=1, min_reps=3)
     for summary in (flops, bandwidth):
         assert summary.n == 3 and 0 < summary.min <= summary.median <= summary.max
+    with pytest.raises(ValueError, match="unknown matmul kernel"):
+        measure_matmul_flops("cpu", torch.float32, size=64, min_seconds=0.0, kernel="cublas")
+
+
+def test_machine_limits_take_the_fastest_matmul_kernel() -> None:
+    kernels = matmul_kernels("cpu", torch.float32)
+    assert kernels[0] == "torch.matmul"
+    assert ("onednn" in kernels) == onednn_available()
+    assert matmul_kernels("cpu", torch.bfloat16) == ["torch.matmul"]
+    if onednn_available():
+        onednn = measure_matmul_flops("cpu", torch.float32, size=64, min_seconds=0.0, min_reps=3, kernel="onednn")
+        assert onednn.n == 3 and onednn.min > 0
+    limits = measure_machine_limits("cpu", torch.float32, min_seconds=0.0)
+    assert limits.matmul_kernel in kernels and limits.to_dict()["matmul_kernel"] == limits.matmul_kernel
 
 
 def test_hardware_info_is_json_ready() -> None:

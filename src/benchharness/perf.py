@@ -17,6 +17,9 @@ What is counted, exactly:
   token; the decode rate counts the tokens of the following `new_tokens - 1` single-token steps.
 - Decode bound: one step reads every weight once (`decode_read_bytes`) and yields `batch`
   tokens, so the bound is batch x bandwidth / bytes; KV-cache reads are not in the bound.
+- The matmul limit is the faster of the two fp32 CPU kernels torch offers, its BLAS
+  (`torch.matmul`) and oneDNN (the linear kernel the benchharness engine uses on the CPU, see
+  `engine/cpu_kernels.py`); elsewhere it is `torch.matmul`'s. Which one is recorded.
 - The limits are the fastest of their timed runs (`MachineLimits.peak_flops`, `peak_bandwidth`):
   interference only slows a run down, so the maximum estimates the ceiling. The probe's own figures
   are medians, so on a busy machine efficiency reads low rather than above 1.
@@ -39,6 +42,8 @@ import numpy as np
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from benchharness.onednn import onednn_available, onednn_linear
 
 T = TypeVar("T")
 
@@ -242,6 +247,7 @@ class MachineLimits:
     memory_bandwidth: Summary
     matmul_size: int
     bandwidth_bytes: int
+    matmul_kernel: str = "torch.matmul"  # the kernel whose FLOP/s are `matmul_flops`
 
     @property
     def peak_flops(self) -> float:
@@ -271,10 +277,12 @@ def measure_matmul_flops(
     min_seconds: float = 2.0,
     warmup: int = 2,
     min_reps: int = 5,
+    kernel: str = "torch.matmul",
 ) -> Summary:
     """FLOP/s of square `size` x `size` matmuls (2*size^3 FLOPs each), per timed run.
 
-    One timed run is as many matmuls as fill about 50 ms, so launch overhead on a GPU does not count.
+    `kernel` is "torch.matmul" or "onednn" (oneDNN's linear, float32 on the CPU only). One timed
+    run is as many matmuls as fill about 50 ms, so launch overhead on a GPU does not count.
     """
     dev = torch.device(device)
     n = size or _default_matmul_size(dev)
@@ -284,8 +292,18 @@ def measure_matmul_flops(
     out = torch.empty(n, n, device=dev, dtype=dtype)
     sync = synchronizer(dev)
 
-    def one() -> None:
-        torch.matmul(a, b, out=out)
+    if kernel == "onednn":
+
+        def one() -> None:
+            onednn_linear(a, b)
+
+    elif kernel == "torch.matmul":
+
+        def one() -> None:
+            torch.matmul(a, b, out=out)
+
+    else:
+        raise ValueError(f"unknown matmul kernel {kernel!r}: 'torch.matmul' or 'onednn'")
 
     for _ in range(max(warmup, 1)):
         one()
@@ -327,18 +345,32 @@ def measure_memory_bandwidth(
 def measure_machine_limits(
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, min_seconds: float = 2.0
 ) -> MachineLimits:
-    """Matmul FLOP/s in the model's dtype and memory bandwidth, both on `device`."""
+    """Matmul FLOP/s in the model's dtype (the fastest kernel, see `matmul_kernels`) and memory
+    bandwidth, both on `device`."""
     dev = torch.device(device)
     size = _default_matmul_size(dev)
     nbytes = 256 * MIB if dev.type == "cpu" else 2048 * MIB
+    measured = {
+        kernel: measure_matmul_flops(dev, dtype, size=size, min_seconds=min_seconds, kernel=kernel)
+        for kernel in matmul_kernels(dev, dtype)
+    }
+    fastest = max(measured, key=lambda kernel: measured[kernel].max)
     return MachineLimits(
         device=str(dev),
         dtype=str(dtype).removeprefix("torch."),
-        matmul_flops=measure_matmul_flops(dev, dtype, size=size, min_seconds=min_seconds),
+        matmul_flops=measured[fastest],
         memory_bandwidth=measure_memory_bandwidth(dev, nbytes=nbytes, min_seconds=min_seconds),
         matmul_size=size,
         bandwidth_bytes=nbytes,
+        matmul_kernel=fastest,
     )
+
+
+def matmul_kernels(device: str | torch.device, dtype: torch.dtype) -> list[str]:
+    """The matmul kernels a model may run on: oneDNN too for float32 on a CPU (when torch has it)."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and onednn_available():
+        return ["torch.matmul", "onednn"]
+    return ["torch.matmul"]
 
 
 # --------------------------------------------------------------------------- model arithmetic

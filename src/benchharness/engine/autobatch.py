@@ -43,7 +43,7 @@ def _body_forward(split: SplitModel, rows: int, length: int, output_layer: bool)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, length), generator=generator).to(split.device)
     with torch.inference_mode():
-        hidden = split.body(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = split.forward_body(input_ids=ids, use_cache=False).last_hidden_state
         if output_layer:  # memory: one row of logits per sequence, as scoring may hold
             split.log_probs(hidden[:, -1])
 
@@ -95,16 +95,3 @@ def find_token_budget(split: SplitModel, max_length: int) -> BudgetChoice:
     if split.device.type == "cuda":
         return probe_cuda_budget(split, max_length)
     return probe_cpu_budget(split)
-
-
-def measure_matmul_flops(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """The machine's matmul FLOP/s (best of `repeats` square products), the limit efficiency is measured against."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best

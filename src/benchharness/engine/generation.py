@@ -129,7 +129,7 @@ def generate_batch(
     active = list(range(batch))  # original indices of the rows still in the batch
     steps = 0
 
-    hidden = split.body(
+    hidden = split.forward_body(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -177,7 +177,7 @@ def generate_batch(
 
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
         last_position = last_position + 1
-        hidden = split.body(
+        hidden = split.forward_body(
             input_ids=next_tokens[:, None],
             attention_mask=attention_mask,
             position_ids=last_position[:, None],

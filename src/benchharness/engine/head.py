@@ -8,9 +8,12 @@ the engine refuses it with a clear message instead of returning wrong scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from benchharness.engine.cpu_kernels import CpuKernels, plan_cpu_kernels
 
 
 class UnsupportedModelError(ValueError):
@@ -25,6 +28,7 @@ class SplitModel:
     body: torch.nn.Module
     output_layer: torch.nn.Module
     final_logit_softcapping: float | None
+    kernels: CpuKernels = field(default_factory=lambda: CpuKernels(description="torch"))
 
     @property
     def device(self) -> torch.device:
@@ -38,9 +42,14 @@ class SplitModel:
     def config(self):  # transformers.PretrainedConfig; untyped to avoid importing it here
         return self.model.config
 
+    def forward_body(self, **kwargs: Any) -> Any:
+        """The body's forward (its transformers output), with the engine's CPU kernels swapped in."""
+        with self.kernels.applied():
+            return self.body(**kwargs)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for hidden states of any leading shape, as the model's forward computes them."""
-        return self._softcap(self.output_layer(hidden))
+        return self.logits_slice(hidden, 0, int(self.output_layer.weight.shape[0]))
 
     def logits_slice(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Logits of vocabulary entries [start, stop) only, as `logits` computes them."""
@@ -48,9 +57,7 @@ class SplitModel:
         bias = self.output_layer.bias
         # Called on the weight directly, this skips the module's hooks: with `device_map`
         # the output layer may sit on another device than the body's last hidden states.
-        logits = torch.nn.functional.linear(
-            hidden.to(weight.device), weight, None if bias is None else bias[start:stop]
-        )
+        logits = self.kernels.linear(hidden.to(weight.device), weight, None if bias is None else bias[start:stop])
         return self._softcap(logits)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -65,8 +72,9 @@ class SplitModel:
         return torch.log_softmax(self.logits(hidden).float(), dim=-1)
 
 
-def split_model(model: torch.nn.Module, check: bool = True) -> SplitModel:
-    """Split a transformers causal LM, and (by default) check the split reproduces its logits."""
+def split_model(model: torch.nn.Module, check: bool = True, cpu_kernels: bool = True) -> SplitModel:
+    """Split a transformers causal LM, and (by default) check the split, run with the CPU kernels
+    (`cpu_kernels.py`, where they apply), reproduces its logits."""
     body = getattr(model, "base_model", None)
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or body is model or output_layer is None:
@@ -80,6 +88,7 @@ def split_model(model: torch.nn.Module, check: bool = True) -> SplitModel:
         body=body,
         output_layer=output_layer,
         final_logit_softcapping=float(softcap) if softcap else None,
+        kernels=plan_cpu_kernels(model, enabled=cpu_kernels),
     )
     if check:
         _check_split(split)
@@ -93,7 +102,7 @@ def _check_split(split: SplitModel) -> None:
     generator = torch.Generator().manual_seed(0)
     probe = torch.randint(0, vocab, (1, 8), generator=generator).to(split.device)
     reference = split.model(input_ids=probe).logits.float()
-    hidden = split.body(input_ids=probe).last_hidden_state
+    hidden = split.forward_body(input_ids=probe).last_hidden_state
     ours = split.logits(hidden).float()
     if reference.shape != ours.shape:
         raise UnsupportedModelError(

@@ -95,6 +95,7 @@ class BenchEngineLM(TemplateLM):
         seed: int = 1234,
         max_row_tokens: int | None = None,
         share_prefixes: bool = True,
+        cpu_kernels: bool = True,
         check_model: bool = True,
         **unused: Any,
     ) -> None:
@@ -110,7 +111,9 @@ class BenchEngineLM(TemplateLM):
             )
         model.eval()
         self._model = model
-        self._split: SplitModel = split_model(model, check=check_model)
+        self._split: SplitModel = split_model(
+            model, check=check_model, cpu_kernels=_as_bool("cpu_kernels", cpu_kernels)
+        )
         self.tokenizer = configure_pad_token(tokenizer, model_config=model.config)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
@@ -218,6 +221,7 @@ class BenchEngineLM(TemplateLM):
             "device": str(self._device),
             "dtype": str(self._split.dtype).replace("torch.", ""),
             "attn_implementation": getattr(self._model.config, "_attn_implementation", None),
+            "cpu_kernels": self._split.kernels.description,
         }
 
     def reset_stats(self) -> None:

@@ -148,7 +148,7 @@ def run_prefix(split: SplitModel, prefix: Sequence[int]) -> PrefixState:
     # A cache of full layers (no config): sliding-window layers keep every key too, and the
     # masks built for the rows that follow hide what the window excludes.
     cache = DynamicCache()
-    split.body(
+    split.forward_body(
         input_ids=ids,
         position_ids=torch.arange(len(prefix), device=split.device)[None],
         past_key_values=cache,
@@ -184,7 +184,7 @@ def run_body(
     else:
         mask = build_attention_masks(split, rows, length)
 
-    hidden = split.body(
+    hidden = split.forward_body(
         input_ids=input_ids.to(device),
         attention_mask=mask,
         position_ids=position_ids.to(device),
