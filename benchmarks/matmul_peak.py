@@ -2,7 +2,8 @@
 
     python benchmarks/matmul_peak.py [--device cpu] [--seconds 2] [--dtypes float32,bfloat16]
 
-These are the denominators of throughput.csv's efficiency columns (benchharness.perf). The copy
+These are the denominators of throughput.csv's efficiency columns (benchharness.perf; for fp32 on
+a CPU the faster of torch.matmul and oneDNN, the kernel the engine's linear layers use). The copy
 bandwidth is printed beside the read bandwidth the harness uses, to show how far apart they are.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from benchharness.perf import (
     hardware_info,
+    matmul_kernels,
     measure_matmul_flops,
     measure_memory_bandwidth,
     repeat_timed,
@@ -41,10 +43,12 @@ def main() -> None:
 
     print(json.dumps(hardware_info(), indent=2))
     for name in args.dtypes.split(","):
-        started = time.perf_counter()
-        s = measure_matmul_flops(args.device, getattr(torch, name), min_seconds=args.seconds)
-        print(f"matmul {name:<9} median {s.median / 1e9:8.1f} GFLOP/s  (min {s.min / 1e9:.1f}, max {s.max / 1e9:.1f},"
-              f" n {s.n}, {time.perf_counter() - started:.1f} s)")
+        dtype = getattr(torch, name)
+        for kernel in matmul_kernels(args.device, dtype):
+            started = time.perf_counter()
+            s = measure_matmul_flops(args.device, dtype, min_seconds=args.seconds, kernel=kernel)
+            print(f"matmul {name:<9} {kernel:<12} median {s.median / 1e9:8.1f} GFLOP/s  (min {s.min / 1e9:.1f}, "
+                  f"max {s.max / 1e9:.1f}, n {s.n}, {time.perf_counter() - started:.1f} s)")
     nbytes = 256 * 1024 * 1024 if args.device == "cpu" else 2048 * 1024 * 1024
     read = measure_memory_bandwidth(args.device, nbytes=nbytes, min_seconds=args.seconds)
     print(f"read bandwidth   median {read.median / 1e9:8.1f} GB/s  (min {read.min / 1e9:.1f}, max {read.max / 1e9:.1f},"
