@@ -138,3 +138,17 @@ def test_engine_scores_agree_with_and_without_the_kernels_and_record_them() -> N
     ours, theirs = fast.score_token_requests(requests), plain.score_token_requests(requests)
     for i in ours:
         assert abs(ours[i][0] - theirs[i][0]) < 1e-4 and ours[i][1] == theirs[i][1]
+
+
+def test_speed_probe_runs_with_the_configured_engines_kernels() -> None:
+    from pathlib import Path
+
+    from benchharness.config import Overrides, load_experiment
+    from benchharness.runner import probe_kernels
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "default.yaml"
+    model = _model(transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **_COMMON))
+    ours = probe_kernels(load_experiment(default, Overrides(engine="benchharness")), model)
+    reference = probe_kernels(load_experiment(default, Overrides(engine="hf")), model)
+    assert ours.description == "onednn linear; fused Gemma3MLP(gelu)" and ours.swaps
+    assert reference.swaps == [] and reference.description == "torch (cpu_kernels=false)"

@@ -455,7 +455,8 @@ def _evaluate_model(
         # Data-parallel: rank 0 probes while the others wait, so the probe has the device to itself.
         if main:
             log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
-            probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
+            with probe_kernels(experiment, model).applied():
+                probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
             yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
         if dist is not None:
             dist.barrier()
@@ -523,6 +524,15 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     from benchharness.engine import BenchEngineLM
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device)
+
+
+def probe_kernels(experiment: Experiment, model: Any) -> Any:
+    """The kernels the speed probe runs the model with: the benchharness engine's fp32 CPU
+    kernels (engine/cpu_kernels.py) when that is the engine, so the probe measures the model as
+    the run computes it; torch's own under `engine: hf`."""
+    from benchharness.engine.cpu_kernels import plan_cpu_kernels
+
+    return plan_cpu_kernels(model, enabled=experiment.engine == "benchharness")
 
 
 def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 
 from benchharness.config import Experiment
 from benchharness.perf import ProbeSpec, format_rows, measure_machine_limits, run_speed_probe
+from benchharness.runner import probe_kernels
 from benchharness.sources import load_model, pick_device, pick_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def run_speed_only(experiment: Experiment, cache_dir: Path) -> str:
     for entry in experiment.models:
         model, tokenizer = load_model(resolved[entry.name], entry, dtype, device, experiment.inference.device_map)
         log.info("%s: speed probe %s", entry.name, spec.model_dump())
-        rows = run_speed_probe(model, tokenizer, spec, device, limits=limits, model_name=entry.name, origin=entry.origin)
+        with probe_kernels(experiment, model).applied():
+            rows = run_speed_probe(model, tokenizer, spec, device, limits=limits, model_name=entry.name, origin=entry.origin)
         lines += ["", f"{entry.name} ({entry.origin}, {entry.build})", format_rows(rows)]
         del model
     return "\n".join(lines)
