@@ -289,7 +289,6 @@ def measure_matmul_flops(
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
-    out = torch.empty(n, n, device=dev, dtype=dtype)
     sync = synchronizer(dev)
 
     if kernel == "onednn":
@@ -298,6 +297,7 @@ def measure_matmul_flops(
             onednn_linear(a, b)
 
     elif kernel == "torch.matmul":
+        out = torch.empty(n, n, device=dev, dtype=dtype)
 
         def one() -> None:
             torch.matmul(a, b, out=out)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.activations import GELUTanh, SiLUActivation
 
-from benchharness.onednn import onednn_available, onednn_linear
+from benchharness.onednn import onednn_available, onednn_linear, onednn_linear_times
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
@@ -53,13 +53,12 @@ def _linear_forward(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]
 def _mlp_forward(module: nn.Module, activation: str, algorithm: str) -> Callable[[torch.Tensor], torch.Tensor]:
     own = type(module).forward.__get__(module)
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
-    pointwise = torch.ops.mkldnn._linear_pointwise
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not _fast(x):
             return own(x)
-        activated = pointwise(x, gate.weight, gate.bias, activation, [], algorithm)
-        gated = pointwise.binary(x, activated, up.weight, up.bias, "mul")  # up(x) * activated
+        activated = onednn_linear(x, gate.weight, gate.bias, activation, algorithm)
+        gated = onednn_linear_times(x, activated, up.weight, up.bias)  # up(x) * activated
         return onednn_linear(gated, down.weight, down.bias)
 
     return forward

@@ -8,7 +8,7 @@ the engine refuses it with a clear message instead of returning wrong scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ class SplitModel:
     body: torch.nn.Module
     output_layer: torch.nn.Module
     final_logit_softcapping: float | None
-    kernels: CpuKernels = field(default_factory=lambda: CpuKernels(description="torch"))
+    kernels: CpuKernels  # forwards swapped in during the engine's calls (cpu_kernels.py)
 
     @property
     def device(self) -> torch.device:
