@@ -33,6 +33,7 @@ from benchharness.onednn import onednn_available, onednn_linear, onednn_linear_t
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
+_GATED_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _fast(x: torch.Tensor) -> bool:
@@ -111,10 +112,10 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool) -> CpuKernels:
         name = type(module).__name__
         activation = _mlp_activation(module) if name in _GATED_MLPS else None
         if activation is not None and all(
-            type(getattr(module, p, None)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj")
+            type(getattr(module, p, None)) is nn.Linear for p in _GATED_MLP_LINEARS
         ):
             swaps.append((module, _mlp_forward(module, *activation)))
-            in_mlp.update(id(getattr(module, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+            in_mlp.update(id(getattr(module, p)) for p in _GATED_MLP_LINEARS)
             fused.add(f"{name}({activation[0]})")
     for module in model.modules():
         if type(module) is nn.Linear and id(module) not in in_mlp and "forward" not in module.__dict__:
