@@ -17,9 +17,12 @@ stricter second reference.
 The fewest tokens are each distinct token prefix once: the nodes of a trie over
 every request's context and continuation, so a prefix that several contexts share
 (the task description, few-shot examples) counts once. Useful FLOPs count each of
-those tokens once through the body's linear layers and the output layer once per
-scored position (attention score FLOPs are left out, which understates both
-engines alike).
+those tokens once through the body: its linear layers, and attention over the keys it
+needs (itself and the tokens before it, within the window of a sliding-window layer;
+4 x heads x head size FLOPs per key per layer, for QK^T and AV, as MFU counts
+attention); and the output layer once per scored position (for generation, per
+generated token, with the prompt and the output re-tokenized). Padding, masked-out
+keys and repeated prefixes are the engines' overheads and do not count.
 
     .venv/bin/python benchmarks/engine_vs_hf.py \
         --model-dir smollm2=/path/to/smollm2 --model-dir gemma3=/path/to/gemma3 \
@@ -37,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
@@ -51,6 +56,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from benchharness.engine import BenchEngineLM  # noqa: E402
+from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.perf import matmul_kernels, measure_matmul_flops  # noqa: E402
 
 SITE = Path(transformers.__file__).resolve().parents[1]
@@ -77,6 +83,7 @@ class Row:
     engine_peak: float  # the same around the engine's part
     engine_blas_peak: float  # torch.matmul's alone around the engine's part, for comparison
     engine_budget: str
+    attention_share: float  # of the useful FLOPs, the part that is attention
 
     @property
     def hf_flops_frac(self) -> float:
@@ -190,17 +197,49 @@ class TokenCounter:
             hook.remove()
 
 
-def linear_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(weights of the body's linear layers, weights of the output layer)."""
-    head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
-    return body, head.weight.numel()
+@dataclass(frozen=True)
+class UsefulFlops:
+    """The FLOPs a set of token sequences minimally needs (see the module's docstring)."""
+
+    body_params: int  # weights of the body's linear layers
+    head_params: int  # weights of the output layer
+    pair_flops: int  # per query-key pair per layer: 2 x 2 x heads x head size (QK^T and AV)
+    windows: tuple[int | None, ...]  # per layer: its sliding window, or None for full attention
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> UsefulFlops:
+        config = model.config
+        head = model.get_output_embeddings()
+        body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * int(config.num_hidden_layers)
+        windows = tuple(int(config.sliding_window) if kind == "sliding_attention" else None for kind in layer_types)
+        return cls(body, head.weight.numel(), 4 * heads * head_dim, windows)
+
+    def count(self, depths: Sequence[int], output_rows: int) -> tuple[float, float]:
+        """(useful FLOPs, the attention part of them) for trie nodes at `depths` (each one token
+        through the body, attending to `depth` keys) and `output_rows` positions through the output layer."""
+        keys = np.asarray(depths, dtype=np.float64)
+        pairs = sum(float((np.minimum(keys, window) if window else keys).sum()) for window in self.windows)
+        attention = self.pair_flops * pairs
+        return 2 * self.body_params * len(keys) + attention + 2 * self.head_params * output_rows, attention
 
 
-def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> tuple[float, float, dict]:
-    """(wall seconds of simple_evaluate, seconds inside the model's request methods, results)."""
+@dataclass
+class EvalRun:
+    wall_s: float  # simple_evaluate's total
+    inside_s: float  # seconds inside the model's request methods
+    out: dict  # simple_evaluate's results
+    token_requests: list[TokenRequest]  # what loglikelihood scored, as token ids
+    generations: list[tuple[str, str]]  # (prompt, output) of each generate_until request
+
+
+def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> EvalRun:
     inside = [0.0]
-    originals = {name: getattr(lm, name) for name in ("loglikelihood", "generate_until")}
+    token_requests: list[TokenRequest] = []
+    generations: list[tuple[str, str]] = []
+    originals = {name: getattr(lm, name) for name in ("loglikelihood", "generate_until", "_loglikelihood_tokens")}
 
     def timed(method):
         def call(*args, **kwargs):
@@ -212,8 +251,19 @@ def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> tuple[flo
 
         return call
 
-    for name, method in originals.items():
-        setattr(lm, name, timed(method))
+    def loglikelihood_tokens(requests, *args, **kwargs):
+        first = len(token_requests)
+        token_requests.extend(TokenRequest(first + i, tuple(c), tuple(t)) for i, (_, c, t) in enumerate(requests))
+        return originals["_loglikelihood_tokens"](requests, *args, **kwargs)
+
+    def generate_until(requests, *args, **kwargs):
+        outputs = timed(originals["generate_until"])(requests, *args, **kwargs)
+        generations.extend((request.args[0], output) for request, output in zip(requests, outputs, strict=True))
+        return outputs
+
+    lm.loglikelihood = timed(originals["loglikelihood"])
+    lm.generate_until = generate_until
+    lm._loglikelihood_tokens = loglikelihood_tokens
     try:
         start = time.perf_counter()
         out = simple_evaluate(
@@ -223,7 +273,21 @@ def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> tuple[flo
     finally:
         for name in originals:
             delattr(lm, name)  # back to the class methods
-    return wall, inside[0], out
+    return EvalRun(wall, inside[0], out, token_requests, generations)
+
+
+def useful_flops(flops: UsefulFlops, run: EvalRun, engine: BenchEngineLM) -> tuple[float, float]:
+    """(useful FLOPs, attention part) of what the engine's run computed, from its requests."""
+    if run.generations:
+        prompts = [engine.tok_encode(prompt) for prompt, _ in run.generations]
+        outputs = [engine.tokenizer(output, add_special_tokens=False)["input_ids"] for _, output in run.generations]
+        depths = distinct_prefix_depths(p + o[:-1] for p, o in zip(prompts, outputs, strict=True))
+        return flops.count(depths, sum(len(o) for o in outputs))
+    truncated = [truncate_request(r, engine.max_length) for r in run.token_requests]
+    depths = distinct_prefix_depths(r.context + r.continuation[:-1] for r in truncated)
+    if len(depths) != engine.stats.score_min_tokens:
+        raise RuntimeError(f"{len(depths)} distinct prefix tokens here, {engine.stats.score_min_tokens} in the engine")
+    return flops.count(depths, engine.stats.score_output_rows)
 
 
 def metric_of(out: dict, name: str) -> float:
@@ -302,7 +366,7 @@ def main() -> None:
                 path, dtype=torch.float32, attn_implementation="sdpa"
             ).eval()
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            body_params, head_params = linear_params(model)
+            flops = UsefulFlops.of(model)
             batch_size = args.engine_batch_size if args.engine_batch_size == "auto" else int(args.engine_batch_size)
             engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size)
             hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.hf_batch_size)
@@ -313,29 +377,28 @@ def main() -> None:
                 name = config["task"]
                 counter = TokenCounter(model)
                 before_hf = latest
-                hf_wall, hf_s, hf_out = run_eval(hf, config, limits[task], task_manager)
+                hf_run = run_eval(hf, config, limits[task], task_manager)
                 hf_tokens = counter.body_tokens
                 counter.close()
                 between = measure_peaks()
                 engine.reset_stats()
-                engine_wall, engine_s, engine_out = run_eval(engine, config, limits[task], task_manager)
+                engine_run = run_eval(engine, config, limits[task], task_manager)
                 latest = measure_peaks()
+                useful, attention = useful_flops(flops, engine_run, engine)
                 print(
-                    f"  {model_name}/{task}: simple_evaluate wall hf {hf_wall:.1f}s engine {engine_wall:.1f}s; "
+                    f"  {model_name}/{task}: simple_evaluate wall hf {hf_run.wall_s:.1f}s "
+                    f"engine {engine_run.wall_s:.1f}s; "
                     f"engine {engine.batch_info['budget_method']} budget {engine.batch_info['token_budget']}, "
-                    f"{engine.stats}"
+                    f"{engine.stats}; useful {useful / 1e9:.0f} GFLOP ({attention / useful:.1%} attention)"
                 )
                 stats = engine.stats
                 if task == "gsm8k":
-                    # Generation: every prompt token and generated token through the body once,
-                    # the output layer once per generated token.
-                    useful = 2 * body_params * (stats.prefill_tokens + stats.generated_tokens)
-                    useful += 2 * head_params * stats.generated_tokens
                     engine_eff = hf_eff = float("nan")
                 else:
-                    useful = 2 * body_params * stats.score_min_tokens + 2 * head_params * stats.score_output_rows
                     engine_eff = stats.score_min_tokens / max(1, stats.score_padded_tokens)
                     hf_eff = stats.score_min_tokens / max(1, hf_tokens)
+                hf_s, engine_s = hf_run.inside_s, engine_run.inside_s
+                hf_out, engine_out = hf_run.out, engine_run.out
                 rows.append(
                     Row(
                         model=model_name,
@@ -354,6 +417,7 @@ def main() -> None:
                         engine_peak=max(*between.values(), *latest.values()),
                         engine_blas_peak=max(between["torch.matmul"], latest["torch.matmul"]),
                         engine_budget=str(engine.batch_info["token_budget"]),
+                        attention_share=attention / useful,
                     )
                 )
                 print_row(rows[-1], run_peak(), header=len(rows) == 1)

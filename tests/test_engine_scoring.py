@@ -12,6 +12,7 @@ from benchharness.engine import BenchEngineLM
 from benchharness.engine.batching import (
     TokenRequest,
     concatenate_rows,
+    distinct_prefix_depths,
     minimum_tokens,
     pack_rows,
     plan_batches,
@@ -47,6 +48,12 @@ def test_pack_rows_runs_a_shared_context_once_and_shares_continuation_prefixes()
     assert by_index[2].nodes == [2, 3, 4] and by_index[2].targets == [12, 13, 14]
     assert by_index[3].nodes == [2, 3, 4] and by_index[3].targets == [12, 13, 15]
     assert minimum_tokens(requests, 100) == 5 + 2
+
+
+def test_distinct_prefix_depths_counts_each_shared_prefix_once_at_its_depth():
+    # [1, 2] is shared: its nodes count once; 3 and 4 both sit at depth 3; [5] starts a new branch.
+    assert distinct_prefix_depths([[1, 2, 3], [1, 2, 4], [5], [1, 2]]) == [1, 2, 3, 3, 1]
+    assert distinct_prefix_depths([]) == []
 
 
 def test_pack_rows_branches_get_positions_from_their_depth():

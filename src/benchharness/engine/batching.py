@@ -271,17 +271,23 @@ def strip_prefix(row: PackedRow, length: int) -> PackedRow:
 
 def distinct_prefix_tokens(sequences: Iterable[Sequence[int]]) -> int:
     """Tokens in a trie over the sequences: each distinct token prefix counted once."""
+    return len(distinct_prefix_depths(sequences))
+
+
+def distinct_prefix_depths(sequences: Iterable[Sequence[int]]) -> list[int]:
+    """For each node of a trie over the sequences (each distinct token prefix once), its depth:
+    how many tokens that prefix holds, i.e. the keys its last token attends to in a causal model."""
     root: dict[int, dict] = {}
-    nodes = 0
+    depths: list[int] = []
     for sequence in sequences:
         node = root
-        for token in sequence:
+        for depth, token in enumerate(sequence, start=1):
             child = node.get(token)
             if child is None:
                 child = node[token] = {}
-                nodes += 1
+                depths.append(depth)
             node = child
-    return nodes
+    return depths
 
 
 def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
