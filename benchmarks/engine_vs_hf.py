@@ -1,18 +1,19 @@
 """Engine vs lm-eval's `hf` model: same tasks, same items, same process.
 
 For each model and task it prints the wall seconds each engine spends in lm-eval's
-model calls (loglikelihood / generate_until: the part the engine replaces; the
-engine's batch-budget probe included; simple_evaluate's total is printed too), the speedup, the
-accuracy of each, the largest per-sample loglikelihood difference (or, for
-generation, how many outputs are identical), token efficiency (the fewest tokens
-the requests need over the tokens the body computed, padding included), and the
-achieved useful FLOP/s over this machine's matmul FLOP/s measured in the same run: the
-fastest of the fp32 kernels torch offers (its BLAS behind torch.matmul, and oneDNN, which the
-engine's linear layers use on the CPU). The peak is measured right before and right after each
-engine's part of each task and the higher of the two is that part's reference: a shared or
-virtual machine's speed drifts by 10-30% over minutes, so a peak taken at another moment would
-credit or blame the engine for the machine. The run's highest peak (any moment) is printed as a
-stricter second reference.
+model calls (loglikelihood / generate_until: the part the engine replaces;
+simple_evaluate's total is printed too), the speedup (the engine's batch-budget probe,
+run once per model, counted in the model's first task), the accuracy of each, the
+largest per-sample loglikelihood difference (or, for generation, how many outputs are
+identical), token efficiency (the fewest tokens the requests need over the tokens the
+body computed, padding included), and the achieved useful FLOP/s while scoring (the
+probe left out) over this machine's matmul FLOP/s measured in the same run: the fastest
+of the fp32 kernels torch offers (its BLAS behind torch.matmul, and oneDNN, which the
+engine's linear layers use on the CPU). The peak is measured right before and right
+after each engine's part of each task and the higher of the two is that part's
+reference: a shared or virtual machine's speed drifts by 10-30% over minutes, so a peak
+taken at another moment would credit or blame the engine for the machine. The run's
+highest peak (any moment) is printed as a stricter second reference.
 
 The fewest tokens are each distinct token prefix once: the nodes of a trie over
 every request's context and continuation, so a prefix that several contexts share
@@ -71,7 +72,8 @@ class Row:
     task: str
     items: int
     hf_s: float
-    engine_s: float
+    engine_s: float  # scoring (or generating) only
+    engine_probe_s: float  # the engine's batch-budget probe: in each model's first task, else 0
     hf_score: float
     engine_score: float
     agreement: str  # max |d loglik| or identical generations
@@ -84,6 +86,10 @@ class Row:
     engine_blas_peak: float  # torch.matmul's alone around the engine's part, for comparison
     engine_budget: str
     attention_share: float  # of the useful FLOPs, the part that is attention
+
+    @property
+    def speedup(self) -> float:
+        return self.hf_s / (self.engine_s + self.engine_probe_s)
 
     @property
     def hf_flops_frac(self) -> float:
@@ -372,6 +378,12 @@ def main() -> None:
             hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.hf_batch_size)
             with torch.no_grad():  # warm-up: thread pool, allocator
                 model(input_ids=torch.ones((2, 32), dtype=torch.long))
+            # The budget probe runs once per model, before its first request: timed apart, so that
+            # the speedup of the model's first task includes it and the FLOP/s while scoring do not.
+            start = time.perf_counter()
+            engine.token_budget()
+            probe_s = time.perf_counter() - start
+            print(f"{model_name}: engine budget {engine.batch_info['token_budget']} from a {probe_s:.2f} s probe")
             for task in tasks:
                 config = task_config(task, files[task], args.max_gen_toks)
                 name = config["task"]
@@ -406,6 +418,7 @@ def main() -> None:
                         items=limits[task],
                         hf_s=hf_s,
                         engine_s=engine_s,
+                        engine_probe_s=probe_s,
                         hf_score=metric_of(hf_out, name),
                         engine_score=metric_of(engine_out, name),
                         agreement=compare_samples(task, hf_out, engine_out, name),
@@ -420,6 +433,7 @@ def main() -> None:
                         attention_share=attention / useful,
                     )
                 )
+                probe_s = 0.0
                 print_row(rows[-1], run_peak(), header=len(rows) == 1)
                 sys.stdout.flush()
             del engine, hf, model
@@ -433,7 +447,12 @@ def main() -> None:
     print_table(rows, run_peak())
     if args.json:
         records = [
-            {**row.__dict__, "hf_flops_frac": row.hf_flops_frac, "engine_flops_frac": row.engine_flops_frac}
+            {
+                **row.__dict__,
+                "speedup": row.speedup,
+                "hf_flops_frac": row.hf_flops_frac,
+                "engine_flops_frac": row.engine_flops_frac,
+            }
             for row in rows
         ]
         args.json.write_text(json.dumps({"run_peak": run_peak(), "peaks": peaks, "rows": records}, indent=2))
@@ -445,8 +464,8 @@ def _fmt(value: float, pattern: str) -> str:
 
 def table_line(row: Row, run_peak: float) -> str:
     return (
-        f"| {row.model} | {row.task} | {row.items} | {row.hf_s:.1f} | {row.engine_s:.1f} | "
-        f"{row.hf_s / row.engine_s:.2f}x | {row.hf_score:.3f} | {row.engine_score:.3f} | {row.agreement} | "
+        f"| {row.model} | {row.task} | {row.items} | {row.hf_s:.1f} | {row.engine_s + row.engine_probe_s:.1f} | "
+        f"{row.speedup:.2f}x | {row.hf_score:.3f} | {row.engine_score:.3f} | {row.agreement} | "
         f"{_fmt(row.hf_token_eff, '.2f')} | {_fmt(row.engine_token_eff, '.2f')} | "
         f"{row.hf_flops_frac:.0%} | {row.engine_flops_frac:.0%} ({row.engine_flops / row.engine_blas_peak:.0%}) "
         f"[{row.engine_flops / run_peak:.0%}] | {row.engine_peak / 1e9:.0f} | {row.engine_budget} |"

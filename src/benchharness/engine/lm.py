@@ -269,7 +269,9 @@ class BenchEngineLM(TemplateLM):
         )
 
     # ------------------------------------------------------------ batch budget
-    def _token_budget(self) -> int | None:
+    def token_budget(self) -> int | None:
+        """Tokens per forward (None: no budget, rows are capped by the batch size). With
+        `batch_size: auto` it is probed on first use (on CPU, a fraction of a second)."""
         if self._budget is None and self._auto:
             self._budget = find_token_budget(self._split, self.max_length)
             logger.info("benchharness engine: token budget %d (%s)", self._budget.token_budget, self._budget.method)
@@ -300,7 +302,7 @@ class BenchEngineLM(TemplateLM):
         """Score tokenized requests: {request index: (sum of log-probs, is greedy)}."""
         if not requests:
             return {}
-        budget = self._token_budget()
+        budget = self.token_budget()
         # A context group is split over rows (repeating the context) only when its tree is far
         # beyond the budget: splitting wastes context tokens, a long row only costs attention.
         max_row_tokens = self._max_row_tokens
@@ -471,7 +473,7 @@ class BenchEngineLM(TemplateLM):
         """Rows per decoding batch: the row cap; on CUDA also the token budget over the sequence length."""
         rows = self._max_rows or _DEFAULT_MAX_ROWS
         if self._device.type == "cuda":
-            budget = self._token_budget()
+            budget = self.token_budget()
             if budget is not None:
                 rows = min(rows, max(1, budget // (width + max_new)))
         return rows
