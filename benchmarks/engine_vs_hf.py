@@ -90,6 +90,7 @@ class Row:
     engine_blas_peak: float  # torch.matmul's alone around that run, for comparison
     engine_budget: str
     attention_share: float  # of the useful FLOPs, the part that is attention
+    engine_run_fracs: list[float]  # each engine run's useful FLOP/s over the peak around it
 
     @property
     def speedup(self) -> float:
@@ -458,6 +459,10 @@ def main() -> None:
                         engine_blas_peak=max(best_before["torch.matmul"], best_after["torch.matmul"]),
                         engine_budget=str(engine.batch_info["token_budget"]),
                         attention_share=attention / useful,
+                        engine_run_fracs=[
+                            useful / seconds / max(*before.values(), *after.values())
+                            for seconds, before, after in engine_runs
+                        ],
                     )
                 )
                 probe_s = 0.0
