@@ -59,7 +59,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from benchharness.engine import BenchEngineLM  # noqa: E402
+from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.perf import matmul_kernels, measure_matmul_flops  # noqa: E402
 
@@ -287,8 +287,10 @@ def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> EvalRun:
     return EvalRun(wall, inside[0], out, token_requests, generations)
 
 
-def useful_flops(flops: UsefulFlops, run: EvalRun, engine: BenchEngineLM) -> tuple[float, float]:
-    """(useful FLOPs, attention part) of what the engine's run computed, from its requests."""
+def useful_flops(
+    flops: UsefulFlops, run: EvalRun, engine: BenchEngineLM, stats: EngineStats
+) -> tuple[float, float]:
+    """(useful FLOPs, attention part) of what the engine's run (with these stats) computed, from its requests."""
     if run.generations:
         prompts = [engine.tok_encode(prompt) for prompt, _ in run.generations]
         outputs = [engine.tokenizer(output, add_special_tokens=False)["input_ids"] for _, output in run.generations]
@@ -296,9 +298,9 @@ def useful_flops(flops: UsefulFlops, run: EvalRun, engine: BenchEngineLM) -> tup
         return flops.count(depths, sum(len(o) for o in outputs))
     truncated = [truncate_request(r, engine.max_length) for r in run.token_requests]
     depths = distinct_prefix_depths(r.context + r.continuation[:-1] for r in truncated)
-    if len(depths) != engine.stats.score_min_tokens:
-        raise RuntimeError(f"{len(depths)} distinct prefix tokens here, {engine.stats.score_min_tokens} in the engine")
-    return flops.count(depths, engine.stats.score_output_rows)
+    if len(depths) != stats.score_min_tokens:
+        raise RuntimeError(f"{len(depths)} distinct prefix tokens here, {stats.score_min_tokens} in the engine")
+    return flops.count(depths, stats.score_output_rows)
 
 
 def metric_of(out: dict, name: str) -> float:
@@ -419,18 +421,17 @@ def main() -> None:
                     latest = measure_peaks()
                     engine_runs.append((run.inside_s, before, latest))
                     if repeat == 0:
-                        engine_run = run
+                        engine_run, stats = run, engine.stats
                     elif not same_responses(engine_run.out, run.out, name):
                         print(f"  warning: {model_name}/{task}: engine run {repeat + 1} differs from the first")
                 best_s, best_before, best_after = min(engine_runs, key=lambda r: r[0])
-                useful, attention = useful_flops(flops, engine_run, engine)
+                useful, attention = useful_flops(flops, engine_run, engine, stats)
                 print(
                     f"  {model_name}/{task}: simple_evaluate wall hf {hf_run.wall_s:.1f}s "
                     f"engine {engine_run.wall_s:.1f}s; "
                     f"engine {engine.batch_info['budget_method']} budget {engine.batch_info['token_budget']}, "
-                    f"{engine.stats}; useful {useful / 1e9:.0f} GFLOP ({attention / useful:.1%} attention)"
+                    f"{stats}; useful {useful / 1e9:.0f} GFLOP ({attention / useful:.1%} attention)"
                 )
-                stats = engine.stats
                 if task == "gsm8k":
                     engine_eff = hf_eff = float("nan")
                 else:
