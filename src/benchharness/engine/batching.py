@@ -17,7 +17,7 @@ seeing only itself), batches of lanes whose padded size stays within a token bud
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -271,23 +271,26 @@ def strip_prefix(row: PackedRow, length: int) -> PackedRow:
 
 def distinct_prefix_tokens(sequences: Iterable[Sequence[int]]) -> int:
     """Tokens in a trie over the sequences: each distinct token prefix counted once."""
-    return len(distinct_prefix_depths(sequences))
+    return sum(1 for _ in _new_trie_node_depths(sequences))
 
 
 def distinct_prefix_depths(sequences: Iterable[Sequence[int]]) -> list[int]:
     """For each node of a trie over the sequences (each distinct token prefix once), its depth:
     how many tokens that prefix holds, i.e. the keys its last token attends to in a causal model."""
+    return list(_new_trie_node_depths(sequences))
+
+
+def _new_trie_node_depths(sequences: Iterable[Sequence[int]]) -> Iterator[int]:
+    """Builds a trie over the sequences, yielding the depth of each node as it is added."""
     root: dict[int, dict] = {}
-    depths: list[int] = []
     for sequence in sequences:
         node = root
         for depth, token in enumerate(sequence, start=1):
             child = node.get(token)
             if child is None:
                 child = node[token] = {}
-                depths.append(depth)
+                yield depth
             node = child
-    return depths
 
 
 def minimum_tokens(requests: Sequence[TokenRequest], max_length: int) -> int:
