@@ -218,7 +218,8 @@ class HeadBuffers:
     every pass: a fresh [256, vocab] fp32 block (268 MB for Gemma 3) is faulted in from the OS
     page by page on each pass, which cost 10-20% of the output layer's time."""
 
-    def __init__(self, vocab: int, device: torch.device) -> None:
+    def __init__(self, split: SplitModel, device: torch.device) -> None:
+        vocab = int(split.output_layer.weight.shape[0])
         self.logits = torch.empty((_HEAD_ROWS, vocab), dtype=torch.float32, device=device)
         self.log_probs = torch.empty((_SOFTMAX_ROWS, vocab), dtype=torch.float32, device=device)
 
@@ -242,7 +243,7 @@ def score_nodes(
     device = hidden.device
     vocab = int(split.output_layer.weight.shape[0])
     if buffers is None:
-        buffers = HeadBuffers(vocab, device)
+        buffers = HeadBuffers(split, device)
     pair_logprob = torch.empty(len(slots), dtype=torch.float32, device=device)
     pair_greedy = torch.empty(len(slots), dtype=torch.bool, device=device)
     for row_start in range(0, hidden.shape[0], _HEAD_ROWS):
@@ -291,8 +292,7 @@ class HeadQueue:
         slots = torch.tensor([p[1] for p in self._pairs], dtype=torch.long, device=device)
         targets = torch.tensor([p[2] for p in self._pairs], dtype=torch.long, device=device)
         if self._buffers is None:
-            vocab = int(self._split.output_layer.weight.shape[0])
-            self._buffers = HeadBuffers(vocab, device)
+            self._buffers = HeadBuffers(self._split, device)
         logprobs, greedy = score_nodes(self._split, hidden, slots, targets, self._buffers)
         for (request_index, _, _), logprob, is_greedy in zip(
             self._pairs, logprobs.tolist(), greedy.tolist(), strict=True
