@@ -73,6 +73,10 @@ def test_subject_scores_and_macro_average() -> None:
 
 
 def test_summarize_sandbox() -> None:
-    iso = {"net_namespace": True, "pid_namespace": False, "landlock_abi": 0, "python_guard": True}
-    text = summarize_sandbox([{"status": "passed", "isolation": iso}, {"status": "timeout", "isolation": iso}])
-    assert text == "passed 1, timeout 1; isolation: net-ns+python-guard"
+    iso = {"filesystem_view": True, "net_namespace": True, "pid_namespace": False, "landlock_abi": 0, "python_guard": True}
+    text = summarize_sandbox([
+        {"status": "passed", "category": "", "isolation": iso},
+        {"status": "timeout", "category": "timeout", "isolation": iso},
+        {"status": "failed", "category": "assertion", "isolation": iso},
+    ])
+    assert text == "failed:assertion 1, passed 1, timeout:timeout 1; isolation: fs-view+net-ns+python-guard"

