@@ -53,6 +53,7 @@ def test_verdicts_agree_with_the_reference_checker() -> None:
 SQRT = "HumanEval/2"  # truncate_number: the fractional part of a float
 MAD = "HumanEval/4"  # mean_absolute_deviation, checked with abs(...) < 1e-6
 ADD = "HumanEval/53"  # add(x, y), checked on literals and 100 random pairs
+THIRD = "HumanEval/33"  # sort_third, checked with tuple(...) == tuple(...) and by its own name
 
 HOSTILE: dict[str, tuple[str, str]] = {
     "sys.exit(0) in the function": (ADD, "    import sys\n    sys.exit(0)\n"),
@@ -84,6 +85,8 @@ HOSTILE: dict[str, tuple[str, str]] = {
     "endless loop": (ADD, "    while True:\n        pass\n"),
     "fork, parent exits": (ADD, "    import os\n    if os.fork() > 0:\n        os._exit(0)\n    return x - y\n"),
     "returns a generator": (ADD, "    return (v for v in [x + y])\n"),
+    "shadows the builtins the tests use": (THIRD, "    return 0\ndef tuple(x):\n    return 0\ndef sorted(x):\n    return 0\ndef len(x):\n    return 0\n"),
+    "redefines the function the tests compare with": (THIRD, "    return [0]\nsort_third = lambda l: [0]\n"),
 }
 
 

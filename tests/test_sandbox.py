@@ -102,6 +102,16 @@ def test_write_outside_folder(tmp_path: Path, guard: bool) -> None:
     assert inside.completed and inside.stdout.strip() == "ok"
 
 
+def test_files_cannot_fill_the_disk() -> None:
+    """Many files each under the file size limit: the working folder's own quota stops them."""
+    if not CAPS.get("filesystem_view"):
+        pytest.skip("no filesystem view here: the working folder is on disk, limited per file only")
+    program = "block = b'x' * (1 << 20)\nfor i in range(10_000):\n    open(f'f{i}', 'wb').write(block)\n"
+    result = run_python(program, Limits(timeout_s=30, cpu_s=20, work_mb=16), python_guard=False)
+    assert result.status == "failed" and "No space left" in result.reason, result
+    assert "16 MiB" in result.isolation["work_folder"]
+
+
 def _secret_file(folder: Path, name: str) -> tuple[Path, str]:
     """A world-readable file: only the sandbox's allowlist keeps the program from it."""
     secret = f"bh-secret-{name}-{os.getpid()}"

@@ -58,6 +58,7 @@ class Limits:
     memory_mb: int = 1024  # address space per process
     max_processes: int = 16  # RLIMIT_NPROC of the sandbox user
     file_size_mb: int = 16  # largest file it may write (stdout and stderr included)
+    work_mb: int = 64  # all files in its working folder together (where the filesystem view applies)
     max_open_files: int = 64
     output_chars: int = 4000  # how much of stdout/stderr the result keeps
 
@@ -139,7 +140,7 @@ def _run(
             "checker": str(checker_path) if checker_path else None, "check_call": check_call, "entry_point": entry_point,
             "drop_to": NOBODY, "python_guard": python_guard, "architecture": architecture or platform.machine(),
             "cpu_s": limits.cpu_s, "memory": limits.memory_mb << 20, "nproc": limits.max_processes,
-            "fsize": limits.file_size_mb << 20, "nofile": limits.max_open_files,
+            "fsize": limits.file_size_mb << 20, "nofile": limits.max_open_files, "work_bytes": limits.work_mb << 20,
             "read_paths": read_paths, "hidden_paths": hidden_paths, "devices": [d for d in DEVICES if os.path.exists(d)],
         }
         env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8", "TZ": "UTC",

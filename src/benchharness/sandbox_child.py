@@ -208,6 +208,7 @@ class Layers:
     def build_root(self):
         self.status["filesystem_view"] = False
         if not self.status["mount_namespace"]:
+            self.status["work_folder"] = "a folder on disk (no quota beyond the file size limit)"
             return
         new = self.cfg["fs_root"]
         try:
@@ -220,12 +221,29 @@ class Layers:
                     self.mount("tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0555")
             for path in self.cfg["devices"]:
                 self.bind(path, new + path, read_only=False)
-            self.bind(self.cfg["work"], new + self.cfg["work"], read_only=False)
+            self.work_on_tmpfs(new + self.cfg["work"])
             os.chroot(new)
             os.chdir(self.cfg["work"])
         except OSError as exc:
             self.fail(f"filesystem view: {exc}")
         self.status["filesystem_view"] = True
+
+    def work_on_tmpfs(self, target):
+        """The working folder, on a tmpfs of its own size, so that no number of files can fill a
+        disk (RLIMIT_FSIZE limits each file only); the program file is copied in."""
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        owner = self.cfg["drop_to"] if os.geteuid() == 0 and not self.status["user_namespace"] else 0
+        size = f"size={self.cfg['work_bytes']},nr_inodes=4096,mode=0700,uid={owner},gid={owner}"
+        self.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, size)
+        with open(self.cfg["program"], "rb") as src:
+            data = src.read()
+        fd = os.open(target + "/" + os.path.basename(self.cfg["program"]), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fchown(fd, owner, owner)
+        finally:
+            os.close(fd)
+        self.status["work_folder"] = f"tmpfs of {self.cfg['work_bytes'] >> 20} MiB"
 
     def bind(self, source, target, read_only):
         is_dir = os.path.isdir(source)
@@ -668,14 +686,18 @@ def check(handle, cfg, checker_source):
     if cfg["entry_point"] not in names:
         return {"status": "failed", "category": "error", "reason": f"NameError: the program does not define {cfg['entry_point']}"}
     namespace = {}
-    exec(compile(checker_source, "<checker>", "exec"), namespace)
-    # The function under test always comes from the program; the program's other functions only
-    # where the trusted code does not define them (the prompt's helpers stay the trusted ones).
+    code = compile(checker_source, "<checker>", "exec")
+    call = compile(cfg["check_call"], "<check>", "exec")
+    exec(code, namespace)
+    # The function under test always comes from the program. Its other functions only where the
+    # tests name them and neither the trusted code nor the builtins define them: a program that
+    # defines `sorted` or `tuple` must not answer for the tests' own uses of them.
+    wanted = _names_used(code) | _names_used(call)
     for name in names:
-        if type(name) is str and (name == cfg["entry_point"] or name not in namespace):
+        if type(name) is str and (name == cfg["entry_point"] or (name in wanted and name not in namespace and not hasattr(builtins, name))):
             namespace[name] = proxy(handle, name)
     try:
-        exec(compile(cfg["check_call"], "<check>", "exec"), namespace)
+        exec(call, namespace)
     except ProgramEnded:
         raise
     except CandidateRaised as exc:
@@ -688,6 +710,15 @@ def check(handle, cfg, checker_source):
     except BaseException as exc:
         return {"status": "failed", "category": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
     return {"status": "passed", "category": "", "reason": ""}
+
+
+def _names_used(code):
+    """Every global name a code object (and the functions inside it) may look up."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _names_used(const)
+    return names
 
 
 # ----------------------------------------------------------------------------- the launcher
