@@ -368,3 +368,26 @@ def test_samples_with_null_verdicts_and_repeated_items(tmp_path: Path) -> None:
     samples = load_samples(load_run(run), "qwen-mini", "arc")
     assert samples is not None and len(samples) == 40
     assert samples["correct"].mean() == pytest.approx(np.mean(correctness("qwen-mini", "arc")))
+
+
+def test_code_outcomes_count_failures_by_cause(tmp_path: Path) -> None:
+    run = make_run(tmp_path, RUN_A, ["qwen-mini", "smol-mini"])
+    scores = pd.read_csv(run / "scores.csv")
+    extra = []
+    # 10 programs each: qwen 4 passed, 3 assertion, 1 exit, 2 timeout; smol 0 passed, 10 refused.
+    outcomes = {"qwen-mini": {"pass@1": 4, "fail_assertion": 3, "fail_exit": 1, "fail_timeout": 2},
+                "smol-mini": {"pass@1": 0, "fail_refused": 10}}
+    for model, counts in outcomes.items():
+        for metric in ["pass@1", "fail_assertion", "fail_error", "fail_exit", "fail_timeout", "fail_limit", "fail_refused", "fail_setup"]:
+            extra.append({"model": model, "origin": MODELS[model]["origin"], "build": MODELS[model]["build"], "suite": "humaneval",
+                          "task": "bh_humaneval", "metric": metric, "value": counts.get(metric, 0) / 10, "n": 10})
+    pd.concat([scores, pd.DataFrame(extra)]).to_csv(run / "scores.csv", index=False)
+    md = write_run_report(run).read_text()
+    section = md.split("## Code execution outcomes", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    cells = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    table = [dict(zip(cells[0], row)) for row in cells[1:]]
+    assert [(r["model"], r["n"], r["passed"], r["failed: assertion"], r["failed: early exit"], r["timeout"], r["refused by the sandbox"])
+            for r in table] == [("qwen-mini", "10", "4", "3", "1", "2", "0"), ("smol-mini", "10", "0", "0", "0", "0", "10")]
+    # pass@1 stays the suite's score (the primary metric), not one of the failure counts.
+    assert "humaneval (pass@1" in md

@@ -720,6 +720,33 @@ def table_subtasks(data: ReportData, suite: str) -> pd.DataFrame | None:
     return wide.rename(columns={"task": f"{suite} task ({metric}{', %' if pct else ''})"})
 
 
+# fail_<cause> metrics of code tasks (see benchharness.sandbox.FAILURE_CATEGORIES) -> report columns.
+CODE_OUTCOMES = {"assertion": "failed: assertion", "error": "failed: error", "exit": "failed: early exit",
+                 "timeout": "timeout", "limit": "limit (CPU, memory, files)", "refused": "refused by the sandbox",
+                 "setup": "sandbox setup error"}
+
+
+def table_code_outcomes(data: ReportData) -> pd.DataFrame | None:
+    """How the samples of code tasks ended, in counts per model and task: a weak model (assertions,
+    errors) reads differently from a blocked one (timeouts, limits, refusals)."""
+    scores = data.scores[~data.scores["group_computed"].fillna(False).astype(bool)] if "group_computed" in data.scores else data.scores
+    metrics = scores["metric"].astype(str)
+    sel = scores[metrics.str.startswith("fail_")]
+    if sel.empty:
+        return None
+    rows = []
+    for entry in data.entries["entry"]:
+        for task, group in sel[sel["entry"] == entry].groupby("task", sort=True):
+            n = int(group["n"].max())
+            counts = {str(m)[len("fail_"):]: int(round(float(v) * n)) for m, v in zip(group["metric"], group["value"])}
+            passed = scores[(scores["entry"] == entry) & (scores["task"] == task) & (metrics == "pass@1")]
+            row: dict[str, Any] = {"model": entry, "task": task, "n": n,
+                                   "passed": int(round(float(passed["value"].iloc[0]) * n)) if len(passed) else ""}
+            row.update({label: counts.get(cause, "") for cause, label in CODE_OUTCOMES.items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def table_probe(data: ReportData) -> pd.DataFrame | None:
     if data.probe.empty:
         return None
@@ -839,6 +866,17 @@ def _sections(data: ReportData) -> list[Section]:
     if probe is not None:
         sections.append(Section("Speed probe", "Fixed-shape prefill/decode measurements (median over reps).",
                                 [("", probe)]))
+    outcomes = table_code_outcomes(data)
+    if outcomes is not None:
+        sections.append(Section(
+            "Code execution outcomes",
+            "How each code sample ended, in counts. A sample passes only when the problem's tests returned normally "
+            "in the sandbox's checker, a process the program cannot reach; an exit status is never a pass. It fails by "
+            "an assertion of the tests, by an error (an exception in the program, or an answer that is not plain data), "
+            "by an early exit (an exit call, a signal, the process ending mid-check), by the wall-clock timeout or a "
+            "resource limit, or by an operation the sandbox refused (files, network, processes). A setup error is the "
+            "harness's failure, not the model's.",
+            [("", outcomes)]))
     subs = [(s, t) for s in data.suites if (t := table_subtasks(data, s)) is not None]
     if subs:
         sections.append(Section("Subtasks", "Scores of each subtask of the suites that have them.", subs))
