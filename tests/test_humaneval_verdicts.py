@@ -11,7 +11,8 @@ import pytest
 
 from benchharness.sandbox import Limits
 from benchharness.scoring import humaneval_check, humaneval_process_results, summarize_sandbox
-from humaneval_corpus import Problem, mutants, problems, reference_verdicts
+from benchharness.humaneval_reference import reference_verdicts
+from humaneval_corpus import Problem, mutants, problems
 
 PROBLEMS = problems()
 BY_ID = {p["task_id"]: p for p in PROBLEMS}
