@@ -23,6 +23,7 @@ from test_engine_support import (
 
 import benchharness.engine  # noqa: F401  (registers "benchharness")
 from benchharness.engine import BenchEngineLM
+from benchharness.engine.autobatch import CPU_TOKEN_BUDGET
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +69,8 @@ def test_multiple_choice_task_matches_hf(tmp_path, arch, add_bos, kind):
         for ref, got in zip(responses, our_samples[doc_id], strict=True):
             assert abs(ref[0][0] - got[0][0]) < 1e-3
             assert ref[0][1] == got[0][1]
-    assert engine.batch_info["budget_method"] == "cpu-overhead-fit"
-    assert engine.batch_info["token_budget"] >= 256
+    assert engine.batch_info["budget_method"] == "cpu-fixed"
+    assert engine.batch_info["token_budget"] == CPU_TOKEN_BUDGET
 
 
 def test_generation_task_matches_hf(tmp_path):

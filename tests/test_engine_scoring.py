@@ -307,3 +307,28 @@ def test_loglikelihood_rolling_matches_hflm(arch, add_bos):
     ours = BenchEngineLM(model=model, tokenizer=tokenizer, max_length=16).loglikelihood_rolling(requests)
     assert max(abs(a - b) for a, b in zip(reference, ours, strict=True)) < 1e-3
     assert all(r < 0 for r in ours)
+
+
+def test_batches_do_not_depend_on_machine_speed(monkeypatch):
+    """Reference runs must not depend on load: the CPU budget is fixed, so however fast or slow the
+    machine's clock says it is, the same requests share the same forwards and get the same scores."""
+    import itertools
+    import time
+
+    from benchharness.engine import autobatch
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    requests = _few_shot_requests()
+    runs = []
+    for step in (1e-6, 3.0):  # a clock that says every forward is instant, or takes seconds
+        ticks = itertools.count()
+        monkeypatch.setattr(autobatch.time, "perf_counter", lambda: next(ticks) * step)
+        monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) * step)
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
+        runs.append((engine.loglikelihood(requests), engine.batch_info, engine.stats))
+    (first, info_a, stats_a), (second, info_b, stats_b) = runs
+    assert info_a["budget_method"] == info_b["budget_method"] == "cpu-fixed"
+    assert info_a["token_budget"] == info_b["token_budget"] == autobatch.CPU_TOKEN_BUDGET
+    assert stats_a == stats_b  # the same forwards, rows and padding
+    assert first == second  # bit for bit

@@ -42,6 +42,38 @@ class SplitModel:
     def config(self):  # transformers.PretrainedConfig; untyped to avoid importing it here
         return self.model.config
 
+    @property
+    def text_config(self):
+        """The decoder's own config: for a composite model (Gemma 3 at 4B and up, which loads as
+        an image-text model) its text part, where the layer types and window are; as
+        transformers' own caches read it."""
+        return self.model.config.get_text_config()
+
+    @property
+    def layer_kinds(self) -> frozenset[str]:
+        """Attention kinds of the decoder's layers, as its own masks apply them: per-layer
+        `layer_types` where the config has them (Gemma 2/3, Qwen2/3, Ministral), else every layer
+        sliding where the config sets a window (Mistral, Phi-3), else full attention."""
+        config = self.text_config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            return frozenset(layer_types)
+        if getattr(config, "sliding_window", None) is not None:
+            return frozenset({"sliding_attention"})
+        return frozenset({"full_attention"})
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding layers, if any layer slides."""
+        if "sliding_attention" not in self.layer_kinds:
+            return None
+        return int(self.text_config.sliding_window)
+
+    @property
+    def per_layer_masks(self) -> bool:
+        """Whether the decoder takes one mask per layer type (a dict) rather than one mask for all layers."""
+        return bool(getattr(self.text_config, "layer_types", None))
+
     def forward_body(self, **kwargs: Any) -> Any:
         """The body's forward (its transformers output), with the engine's CPU kernels swapped in."""
         with self.kernels.applied():

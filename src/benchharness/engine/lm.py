@@ -45,6 +45,7 @@ from benchharness.engine.batching import (
 )
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
+from benchharness.engine.path_check import check_engine_path
 from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,17 @@ class BenchEngineLM(TemplateLM):
             model, check=check_model, cpu_kernels=_as_bool("cpu_kernels", cpu_kernels)
         )
         self.tokenizer = configure_pad_token(tokenizer, model_config=model.config)
+        self._max_length = max_length
+        # The engine's own path (tree masks, positions, a prefix cache, past the window) against
+        # the model's plain forward: a model whose code does not take them is refused here.
+        self.path_check: dict[str, float | int] | None = None
+        if check_model:
+            self.path_check = check_engine_path(
+                self._split, self.max_length, self.tokenizer.pad_token_id or 0,
+                remote_code=not type(model).__module__.startswith("transformers."),
+            )
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
-        self._max_length = max_length
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
 
@@ -222,6 +231,7 @@ class BenchEngineLM(TemplateLM):
             "dtype": str(self._split.dtype).replace("torch.", ""),
             "attn_implementation": getattr(self._model.config, "_attn_implementation", None),
             "cpu_kernels": self._split.kernels.description,
+            "path_check": self.path_check,
         }
 
     def reset_stats(self) -> None:
@@ -458,10 +468,9 @@ class BenchEngineLM(TemplateLM):
         groups, alone = prefix_groups(
             [prompts[i] for i in indices], [1] * len(indices), _MIN_SHARED_PREFIX, min_group_tokens=min_members
         )
-        layer_types = set(getattr(self._model.config, "layer_types", None) or [])
-        window = getattr(self._model.config, "sliding_window", None)
+        window = self._split.sliding_window
         longest = max(len(p) for p in prompts.values())
-        if "sliding_attention" in layer_types and window is not None and longest + max_new > int(window):
+        if window is not None and longest + max_new > window:
             return [(None, indices)]
         work: list[tuple[tuple[int, ...] | None, list[int]]] = []
         if alone:

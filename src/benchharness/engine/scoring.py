@@ -77,18 +77,20 @@ def build_attention_masks(
     )
 
     masks = {"full_attention": full}
-    layer_types = set(getattr(split.config, "layer_types", None) or [])
-    if "sliding_attention" in layer_types:
-        window = int(split.config.sliding_window)
+    kinds = split.layer_kinds
+    if "sliding_attention" in kinds:
+        window = split.sliding_window
         distance = query_positions[:, :, None] - key_positions[:, None, :]
-        sliding = full & (distance < window)
-        masks["sliding_attention"] = sliding
-    other = layer_types - set(masks)
+        masks["sliding_attention"] = full & (distance < window)
+    other = kinds - set(masks)
     if other:
         raise UnsupportedModelError(
             f"{type(split.model).__name__}: layer types {sorted(other)} are not supported by the engine's "
             "tree attention; use `engine: hf` for this model."
         )
+    if not split.per_layer_masks:
+        # One mask for every layer: the full one, or the windowed one where all layers slide.
+        masks = {"full_attention": masks["sliding_attention" if "sliding_attention" in kinds else "full_attention"]}
 
     implementation = getattr(split.config, "_attn_implementation", "sdpa")
     converted: dict[str, torch.Tensor] = {}
