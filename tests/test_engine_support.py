@@ -72,8 +72,57 @@ def make_tokenizer(add_bos: bool = False, vocab_size: int = 400) -> transformers
     )
 
 
-def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512) -> transformers.PreTrainedModel:
-    """A 2-layer model of the given architecture, fp32 on CPU, SDPA attention, seeded weights.
+# Sliding window of the test models that have one: far shorter than the test prompts.
+WINDOW = 8
+
+
+def _config(arch: str, common: dict) -> transformers.PretrainedConfig:
+    """The real transformers config class of each architecture the catalog names, tiny."""
+    window = dict(sliding_window=WINDOW)
+    if arch == "llama":  # Llama 3.x, Yi, EuroLLM, Salamandra, SmolLM2
+        return transformers.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2-sliding":  # Qwen2.5 / DeepSeek-R1-Distill-Qwen with use_sliding_window
+        return transformers.Qwen2Config(num_hidden_layers=3, use_sliding_window=True, max_window_layers=1, **window, **common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(num_hidden_layers=3, head_dim=16, use_sliding_window=True, max_window_layers=1, **window, **common)
+    if arch == "mistral":  # every layer slides (Mistral 7B v0.1, Ministral as the hub ships it)
+        return transformers.MistralConfig(num_hidden_layers=2, head_dim=16, **window, **common)
+    if arch == "ministral":  # per-layer types
+        return transformers.MinistralConfig(num_hidden_layers=3, head_dim=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"], **window, **common)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+                                         attn_logit_softcapping=50.0, **window, **common)
+    if arch == "gemma3":
+        # Sliding window much shorter than the test prompts, softcapped logits: both must be reproduced.
+        return transformers.Gemma3TextConfig(
+            num_hidden_layers=3, head_dim=16, sliding_window=6, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common,
+        )
+    if arch == "gemma3-composite":  # Gemma 3 at 4B and up: an image-text model whose decoder is in text_config
+        text = dict(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"], **window, **common)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                         boi_token_index=3, eoi_token_index=3, image_token_index=3)
+    if arch == "phi3":  # Phi-3, Phi-3.5, Phi-4 (mini: partial rotary)
+        return transformers.Phi3Config(num_hidden_layers=2, partial_rotary_factor=0.75, **window, **common)
+    if arch == "olmo2":
+        return transformers.Olmo2Config(num_hidden_layers=2, **common)
+    if arch == "glm":  # glm-4-9b-chat-hf
+        return transformers.GlmConfig(num_hidden_layers=2, head_dim=16, **common)
+    if arch == "glm4":  # GLM-4-9B-0414
+        return transformers.Glm4Config(num_hidden_layers=2, head_dim=16, **common)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+ARCHITECTURES = ("llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "ministral", "gemma2", "gemma3", "gemma3-composite",
+                 "phi3", "olmo2", "glm", "glm4")
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A 2-3-layer model of the given architecture, on CPU, SDPA attention, seeded weights.
 
     A large init range makes the next-token distributions peaked, so greedy choices
     are clear-cut and parity checks compare real decisions, not float ties.
@@ -90,28 +139,15 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
         eos_token_id=1,
         pad_token_id=0,
     )
-    if arch == "llama":
-        config = transformers.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **common)
-    elif arch == "qwen2":
-        config = transformers.Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **common)
-    elif arch == "gemma3":
-        # Sliding window much shorter than the test prompts, softcapped logits: both must be reproduced.
-        config = transformers.Gemma3TextConfig(
-            num_hidden_layers=3,
-            head_dim=16,
-            sliding_window=6,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            final_logit_softcapping=30.0,
-            query_pre_attn_scalar=16,
-            **common,
-        )
-    else:
-        raise ValueError(f"unknown arch {arch!r}")
-    config._attn_implementation = "sdpa"
+    config = _config(arch, common)
+    # SDPA where the architecture has it (as transformers chooses by default); Gemma 2 (attention
+    # logit softcapping) runs eager attention, which takes the engine's masks as additive ones.
+    attention = "eager" if arch == "gemma2" else "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     model.generation_config = transformers.GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def mmlu_docs(n: int = 6, seed: int = 0) -> list[dict]:

@@ -276,9 +276,9 @@ def load_model(resolved: ResolvedModel, entry: ModelEntry, dtype: str, device: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    # Attention: transformers' default, SDPA where the architecture supports it (eager otherwise,
+    # e.g. Gemma 2's softcapped attention); the engine builds its masks for either.
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": entry.trust_remote_code}
-    if device.startswith("cuda"):
-        kwargs["attn_implementation"] = "sdpa"
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
