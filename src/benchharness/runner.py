@@ -523,7 +523,8 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     from benchharness.engine import BenchEngineLM
 
-    return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device)
+    return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
+                         seed=experiment.seed)
 
 
 def probe_kernels(experiment: Experiment, model: Any) -> Any:

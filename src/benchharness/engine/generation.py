@@ -32,7 +32,15 @@ class DecodeSettings:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    min_new_tokens: int = 0  # EOS is banned until this many tokens are out
+    no_repeat_ngram_size: int = 0  # no n-gram of the prompt + output may occur twice
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated first
     seed: int = 1234
+
+    @property
+    def needs_histories(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
 @dataclass
@@ -63,6 +71,40 @@ def _apply_repetition_penalty(
         seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
         score = logits[b, seen]
         logits[b, seen] = torch.where(score < 0, score * penalty, score / penalty)
+    return logits
+
+
+def _ban_repeated_ngrams(logits: torch.Tensor, histories: list[list[int]], size: int) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already
+    in the sequence (prompt + output) gets -inf."""
+    for b, history in enumerate(histories):
+        if len(history) + 1 < size:
+            continue
+        key = tuple(history[len(history) - size + 1 :])
+        banned = {history[i + size - 1] for i in range(len(history) - size + 1) if tuple(history[i : i + size - 1]) == key}
+        if banned:
+            logits[b, sorted(banned)] = float("-inf")
+    return logits
+
+
+def process_logits(
+    logits: torch.Tensor, settings: DecodeSettings, histories: list[list[int]], generated: list[int], step: int
+) -> torch.Tensor:
+    """The logits processors transformers.generate runs before choosing (or sampling) a token,
+    in its order: repetition penalty, no-repeat n-grams, minimum new tokens, suppressed tokens,
+    tokens suppressed at the start."""
+    if settings.repetition_penalty != 1.0:
+        logits = _apply_repetition_penalty(logits, histories, settings.repetition_penalty)
+    if settings.no_repeat_ngram_size > 0:
+        logits = _ban_repeated_ngrams(logits, histories, settings.no_repeat_ngram_size)
+    if settings.min_new_tokens > 0 and settings.eos_token_ids:
+        rows = [b for b, count in enumerate(generated) if count < settings.min_new_tokens]
+        if rows:
+            logits[torch.tensor(rows)[:, None], torch.tensor(sorted(settings.eos_token_ids))[None, :]] = float("-inf")
+    if settings.suppress_tokens:
+        logits[:, list(settings.suppress_tokens)] = float("-inf")
+    if settings.begin_suppress_tokens and step == 0:
+        logits[:, list(settings.begin_suppress_tokens)] = float("-inf")
     return logits
 
 
@@ -124,7 +166,7 @@ def generate_batch(
         cache = DynamicCache(config=split.config)
 
     generators = [_sequence_generator(settings, p, device) for p in prompts] if settings.do_sample else []
-    histories = [list(p) for p in prompts] if settings.repetition_penalty != 1.0 else []
+    histories = [list(p) for p in prompts] if settings.needs_histories else []
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(batch))  # original indices of the rows still in the batch
     steps = 0
@@ -139,9 +181,10 @@ def generate_batch(
     last_position = position_ids[:, -1]
 
     while True:
-        logits = split.logits(hidden).float()
-        if settings.repetition_penalty != 1.0:
-            logits = _apply_repetition_penalty(logits, [histories[i] for i in active], settings.repetition_penalty)
+        logits = process_logits(
+            split.logits(hidden).float(), settings, [histories[i] for i in active] if histories else [],
+            [len(outputs[i]) for i in active], steps,
+        )
         if settings.do_sample:
             next_tokens = _sample(logits, settings, [generators[i] for i in active])
         else:

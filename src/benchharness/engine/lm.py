@@ -43,6 +43,7 @@ from benchharness.engine.batching import (
     prefix_groups,
     strip_prefix,
 )
+from benchharness.engine.decode_settings import decode_settings, merged_generation_config
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
@@ -427,28 +428,23 @@ class BenchEngineLM(TemplateLM):
             return frozenset()
         return frozenset([eos] if isinstance(eos, int) else eos)
 
-    def _decode_settings(self, gen_kwargs: dict) -> tuple[DecodeSettings, list[str]]:
+    def _decode_settings(self, gen_kwargs: dict) -> tuple[DecodeSettings, list[str], int]:
+        """Settings as HFLM + transformers.generate would use them (refusing what the engine does
+        not apply), the stop sequences, and the tokens lm-eval reserves for the output."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-        max_new = int(kwargs.pop("max_gen_toks"))
-        config = getattr(self._model, "generation_config", None)
-        # As transformers.generate merges the model's generation config under lm-eval's kwargs.
-        top_k = kwargs.get("top_k", getattr(config, "top_k", None))
-        top_p = kwargs.get("top_p", getattr(config, "top_p", None))
-        penalty = kwargs.get("repetition_penalty", getattr(config, "repetition_penalty", None)) or 1.0
-        settings = DecodeSettings(
-            max_new_tokens=max_new,
-            stop_strings=tuple(s for s in until if s),
-            eos_token_ids=self._eos_token_ids(),
-            do_sample=bool(kwargs.get("do_sample", False)),
-            temperature=float(kwargs.get("temperature", 1.0) or 1.0),
-            top_k=int(top_k) if top_k else None,
-            top_p=float(top_p) if top_p is not None else None,
-            repetition_penalty=float(penalty),
-            seed=int(kwargs.get("seed", self.seed)),
+        max_gen_toks = int(kwargs.pop("max_gen_toks"))
+        kwargs.pop("max_length", None)
+        seed = int(kwargs.pop("seed", self.seed))
+        # As HFLM._model_generate: greedy drops the temperature.
+        if kwargs.get("do_sample") is False and float(kwargs.get("temperature", 0.0) or 0.0) == 0.0:
+            kwargs.pop("temperature", None)
+        merged = merged_generation_config(getattr(self._model, "generation_config", None), kwargs)
+        settings = decode_settings(
+            merged, max_gen_toks, tuple(s for s in until if s), self._eos_token_ids(), seed, type(self._model).__name__,
         )
-        return settings, until
+        return settings, until, max_gen_toks
 
     def _generation_groups(
         self, prompts: dict[int, list[int]], max_new: int
@@ -496,11 +492,11 @@ class BenchEngineLM(TemplateLM):
 
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="benchharness generate_until")
         for indices in groups.values():
-            settings, until = self._decode_settings(requests[indices[0]].args[1])
-            max_ctx_len = self.max_length - settings.max_new_tokens
+            settings, until, max_gen_toks = self._decode_settings(requests[indices[0]].args[1])
+            max_ctx_len = self.max_length - max_gen_toks
             if max_ctx_len <= 0:
                 raise ValueError(
-                    f"max_gen_toks={settings.max_new_tokens} leaves no room for a prompt "
+                    f"max_gen_toks={max_gen_toks} leaves no room for a prompt "
                     f"within the model's maximum length {self.max_length}"
                 )
             prompts = {i: self._encode_prompt(requests[i].args[0], max_ctx_len) for i in indices}
