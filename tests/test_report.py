@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,25 @@ def test_code_outcomes_count_failures_by_cause(tmp_path: Path) -> None:
             for r in table] == [("qwen-mini", "10", "4", "3", "1", "2", "0"), ("smol-mini", "10", "0", "0", "0", "0", "10")]
     # pass@1 stays the suite's score (the primary metric), not one of the failure counts.
     assert "humaneval (pass@1" in md
+
+
+def test_a_run_whose_process_is_gone_is_reported_killed(tmp_path: Path) -> None:
+    """A manifest that still says running, written by a process that no longer exists on this host."""
+    import socket
+    import subprocess
+    import sys
+
+    from benchharness.verify import verify_run
+
+    run = make_run(tmp_path, RUN_A, ["qwen-mini"], status="running", skip={("qwen-mini", "mmlu_law")})
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["volatile"].update(host=socket.gethostname(), pid=int(gone.stdout))
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    md = write_run_report(run).read_text()
+    assert f"is RUNNING (killed or crashed (process {int(gone.stdout)} on {socket.gethostname()} is gone" in md
+    assert any("killed or crashed" in line for line in verify_run(run))
+    # The same manifest naming this (live) process reads as running.
+    manifest["volatile"]["pid"] = os.getpid()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert f"running (process {os.getpid()})" in write_run_report(run).read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from benchharness.errors import HarnessError
 log = logging.getLogger("benchharness")
 
 DEFAULT_CATALOG = Path("configs/models.yaml")
+# Exit status of a run that finished but whose parity certificate failed (2: bad input, 130: Ctrl-C).
+PARITY_FAILED = 3
 
 
 def _csv(value: str) -> list[str]:
@@ -129,6 +132,12 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
         shutdown(dist)
     if dist is None or dist.is_main:
         print(folder)
+        parity = json.loads((folder / "manifest.json").read_text()).get("parity") or {}
+        if parity.get("status") == "failed":
+            print(f"benchharness: parity failed: the engine's results differ from lm-eval's hf model beyond the tolerance "
+                  f"on {', '.join(parity.get('failed', []))} (scores kept; see manifest.json 'parity' and report.md). "
+                  "Fix: rerun those models with `--engine hf`, and report the difference.", file=sys.stderr)
+            return PARITY_FAILED
     return 0
 
 

@@ -48,6 +48,13 @@ class InferenceSpec(_Strict):
         return value
 
 
+class ParitySpec(_Strict):
+    """The parity certificate: per model, task and request type, this many requests (whole
+    documents) re-answered by lm-eval's `hf` model and compared with the engine's; 0 turns it off."""
+
+    requests: int = Field(default=16, ge=0)
+
+
 class ExperimentFile(_Strict):
     """What an experiment YAML may contain. Paths are relative to the file's folder."""
 
@@ -68,6 +75,7 @@ class ExperimentFile(_Strict):
     parallel: Literal["data", "models"] = Field(
         default="data", description="with several processes: shard every task's items over them (data), or give each process whole models (models)"
     )
+    parity: ParitySpec = Field(default_factory=ParitySpec, description="the run's parity certificate (engine: benchharness)")
 
 
 class Experiment(_Strict):
@@ -89,14 +97,16 @@ class Experiment(_Strict):
     output_dir: Path
     speed: ProbeSpec | None
     parallel: Literal["data", "models"] = "data"
+    parity: ParitySpec = ParitySpec()
 
     def resolved(self) -> dict[str, Any]:
         """The content that decides results (paths of this machine left out), for hashing and the manifest.
 
-        `parallel` only says how processes share the work (results are the same), so it is left out;
+        `parallel` only says how processes share the work (results are the same), and `parity` how
+        many of the engine's answers are re-checked (the scores are the same), so both are left out;
         `inference.device_map` only when unset, so configs written before it keep their hash.
         """
-        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel"})
+        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel", "parity"})
         if data["inference"].get("device_map") is None:
             data["inference"].pop("device_map", None)
         return data
@@ -172,6 +182,7 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         output_dir=output_dir,
         speed=spec.speed,
         parallel=spec.parallel,
+        parity=spec.parity,
     )
 
 

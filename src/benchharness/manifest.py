@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -56,7 +57,10 @@ def initial_manifest(
         "config": experiment.resolved(),
         "fingerprint": fingerprint,
         "fingerprint_sha256": fingerprint_sha256(fingerprint),
-        "volatile": {"started": started.isoformat(), "finished": None, "resumed": [], "host": socket.gethostname(), "command": " ".join(sys.argv)},
+        # pid and host: `report` and `verify` tell a run still going from one whose process died.
+        "volatile": {"started": started.isoformat(), "finished": None, "resumed": [], "host": socket.gethostname(),
+                     "pid": os.getpid(), "command": " ".join(sys.argv)},
+        "parity": {"status": "pending", "requests_per_type": experiment.parity.requests if experiment.engine == "benchharness" else 0},
         "models": models,
         "tasks": {},
         "completed": [],

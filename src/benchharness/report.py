@@ -32,6 +32,7 @@ import pandas as pd
 
 from benchharness.errors import HarnessError
 from benchharness.stats import bootstrap_ci, mean_stderr, paired_test
+from benchharness.store import describe_status
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +593,7 @@ def table_runs(data: ReportData) -> pd.DataFrame:
     for run in data.runs:
         vol = run.manifest.get("volatile") or {}
         missing = run.missing_pairs()
-        rows.append({"run": run.run_id, "status": run.status, "experiment": run.manifest.get("experiment", ""),
+        rows.append({"run": run.run_id, "status": describe_status(run.manifest), "experiment": run.manifest.get("experiment", ""),
                      "config hash": run.manifest.get("config_hash", ""), "started": vol.get("started", ""),
                      "finished": vol.get("finished", ""), "host": vol.get("host", ""),
                      "models": len(run.manifest.get("models") or {}), "tasks": len(run.manifest.get("tasks") or {}),
@@ -720,6 +721,49 @@ def table_subtasks(data: ReportData, suite: str) -> pd.DataFrame | None:
     return wide.rename(columns={"task": f"{suite} task ({metric}{', %' if pct else ''})"})
 
 
+def table_parity(data: ReportData) -> pd.DataFrame | None:
+    """The parity certificate of each run: per model, what was re-answered by lm-eval's hf model and how close."""
+    rows = []
+    for run in data.runs:
+        parity = run.manifest.get("parity") or {}
+        models = run.manifest.get("models") or {}
+        if not any((info or {}).get("parity") for info in models.values()):
+            if parity.get("status") in ("reference engine", "off"):
+                rows.append({"run": run.run_id, "model": "(all)", "status": parity["status"]})
+            continue
+        wall = _run_seconds(run)
+        for model, info in models.items():
+            records = list(((info or {}).get("parity") or {}).values())
+            if not records:
+                continue
+            diffs = [r["max_abs_diff"] for r in records if "max_abs_diff" in r]
+            generated = [r for r in records if r.get("type") == "generate_until"]
+            seconds = sum(float(r.get("seconds") or 0.0) for r in records)
+            docs = sum(int(r.get("argmax_documents") or 0) for r in records)
+            rows.append({
+                "run": run.run_id, "model": model,
+                "status": "passed" if all(r.get("passed") for r in records) else "FAILED: " + ", ".join(
+                    t for t, r in (info.get("parity") or {}).items() if not r.get("passed")),
+                "tasks": len(records), "requests": sum(int(r.get("requests") or 0) for r in records),
+                "max |Δ loglik|": f"{max(diffs):.1e}" if diffs else "",
+                "same answer": f"{sum(int(r.get('argmax_agree') or 0) for r in records)}/{docs}" if docs else "",
+                "greedy outputs identical": (f"{sum(int(r.get('identical') or 0) for r in generated)}/"
+                                             f"{sum(int(r.get('compared') or 0) for r in generated)}") if generated else "",
+                "seconds": _fmt_num(seconds), "share of run": f"{100 * seconds / wall:.1f}%" if wall else "",
+            })
+    return pd.DataFrame(rows) if rows else None
+
+
+def _run_seconds(run: Run) -> float | None:
+    vol = run.manifest.get("volatile") or {}
+    try:
+        started = dt.datetime.fromisoformat(str(vol["started"]))
+        finished = dt.datetime.fromisoformat(str(vol["finished"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (finished - started).total_seconds() or None
+
+
 # fail_<cause> metrics of code tasks (see benchharness.sandbox.FAILURE_CATEGORIES) -> report columns.
 CODE_OUTCOMES = {"assertion": "failed: assertion", "error": "failed: error", "exit": "failed: early exit",
                  "timeout": "timeout", "limit": "limit (CPU, memory, files)", "refused": "refused by the sandbox",
@@ -793,9 +837,17 @@ def table_regression(data: ReportData) -> pd.DataFrame | None:
 def banner_lines(data: ReportData) -> list[str]:
     """Warnings for runs that are not complete; shown at the top of every report."""
     lines = []
+    for run in data.runs:
+        parity = run.manifest.get("parity") or {}
+        if parity.get("status") == "failed":
+            lines.append(f"Run {run.run_id}: PARITY FAILED on {', '.join(parity.get('failed', []))}: the benchharness engine's "
+                         "results differ from lm-eval's hf model beyond the tolerance (see 'Parity certificate'); its scores "
+                         "are shown but not certified.")
     for run in data.incomplete_runs():
         missing = run.missing_pairs()
-        text = f"Run {run.run_id} is {run.status.upper()}, not complete: its rows are marked '{INCOMPLETE_TAG.strip()}'"
+        state = describe_status(run.manifest)
+        detail = f" ({state})" if state != run.status else ""
+        text = f"Run {run.run_id} is {run.status.upper()}{detail}, not complete: its rows are marked '{INCOMPLETE_TAG.strip()}'"
         if missing:
             shown = ", ".join(f"{m}/{t}" for m, t in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -866,6 +918,20 @@ def _sections(data: ReportData) -> list[Section]:
     if probe is not None:
         sections.append(Section("Speed probe", "Fixed-shape prefill/decode measurements (median over reps).",
                                 [("", probe)]))
+    parity = table_parity(data)
+    if parity is not None:
+        tolerances = sorted({json.dumps((r.manifest.get("parity") or {}).get("tolerance"), sort_keys=True) for r in data.runs
+                             if (r.manifest.get("parity") or {}).get("tolerance")})
+        sections.append(Section(
+            "Parity certificate",
+            "In every run of the benchharness engine a deterministic sample of each task's requests (whole documents, "
+            "`parity: {requests: N}` per model, task and request type) is answered again by lm-eval's own `hf` model on the "
+            "same weights in the same process and compared with the answers the scores were computed from: the largest "
+            "loglikelihood difference, whether the chosen answer is the same (a document whose two best hf scores are within "
+            "the tolerance counts either way), and whether greedy generations are identical. Tolerance: "
+            + ("; ".join(tolerances) if tolerances else "none recorded") + ". `share of run` is the certificate's seconds over "
+            "the run's wall time.",
+            [("", parity)]))
     outcomes = table_code_outcomes(data)
     if outcomes is not None:
         sections.append(Section(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class ModelUpdate:
 
 
 # Keys of manifest models.<name> that hold one value per task: an update adds to them.
-_PER_TASK_INFO = ("eval_wall_seconds", "requests")
+_PER_TASK_INFO = ("eval_wall_seconds", "requests", "parity")
 
 
 def new_run_id(experiment: Experiment, now: dt.datetime | None = None) -> str:
@@ -211,6 +212,8 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
             manifest = _resumable_manifest(store, experiment)
             _check_same_inputs(store, manifest, planned, resolved)
             manifest["volatile"]["resumed"].append(started.isoformat())
+            # The process now running it, and where (an earlier one may have been killed).
+            manifest["volatile"].update(host=socket.gethostname(), pid=os.getpid())
             score_rows, speed_rows = _finished_rows(store, manifest, [p.spec.name for p in planned])
             log.info("resuming %s: %d model/suite pair(s) already done", store.folder, len(manifest["completed_suites"]))
         if dist is not None:
@@ -270,6 +273,7 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
 
 def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
     manifest["status"] = status
+    manifest["parity"] = parity_summary(manifest)
     manifest["volatile"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat()
     manifest["fingerprint_sha256"] = fingerprint_sha256(manifest["fingerprint"])
     try:
@@ -280,6 +284,21 @@ def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
         # The run already failed; its manifest still says "running", never "complete".
         log.error("could not record status '%s' in the manifest: %s", status, exc)
     _write_report(store.folder)
+
+
+def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run's parity certificate from the per-task records in `models.<name>.parity`."""
+    from benchharness.certificate import summary
+
+    config = manifest.get("config") or {}
+    if config.get("engine") == "hf":
+        return {"status": "reference engine", "note": "engine: hf is lm-eval's own model: nothing to compare"}
+    requests = int((manifest.get("parity") or {}).get("requests_per_type", 0))
+    if requests == 0:
+        return {"status": "off", "note": "parity: {requests: 0}"}
+    per_model = {name: info.get("parity", {}) for name, info in manifest.get("models", {}).items()}
+    dtype = str(next((info.get("dtype") for info in manifest.get("models", {}).values() if info.get("dtype")), "float32"))
+    return summary(per_model, dtype, requests)
 
 
 def _evaluate_models_side_by_side(
@@ -407,6 +426,7 @@ def _evaluate_model(
     params = matmul_params(model)
 
     metered = MeteredLM(lm, tokenizer, dist=dist)
+    reference: Any = None  # lm-eval's hf model on the same weights, built when the certificate first needs it
     for item in planned:
         log.info("%s: suite %s (limit %s, few-shot %s)", entry.name, item.spec.name, item.spec.limit, "task default" if item.spec.num_fewshot is None else item.spec.num_fewshot)
         metered.reset()
@@ -449,6 +469,10 @@ def _evaluate_model(
         total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
         computed = sum(int(c["requests"]) for c in per_rank)
         update.info["requests"] = {item.task: {"computed": computed, "cached": max(0, total - computed)}}
+        if experiment.engine == "benchharness" and experiment.parity.requests > 0:
+            if reference is None:
+                reference = make_reference_lm(model, tokenizer, device)
+            update.info["parity"] = certify_tasks(reference, results, experiment, dtype, entry.name)
         yield update
 
     if experiment.speed is not None:
@@ -525,6 +549,30 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
                          seed=experiment.seed)
+
+
+def make_reference_lm(model: Any, tokenizer: Any, device: str) -> Any:
+    """lm-eval's own `hf` model over the already loaded weights: the parity certificate's reference."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device=device)
+
+
+def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experiment, dtype: str, model_name: str) -> dict[str, dict[str, Any]]:
+    """The parity certificate of each task of a suite (certificate.py)."""
+    from benchharness.certificate import certify_task
+
+    records = {}
+    for task_name, samples in results["samples"].items():
+        output_type = results["configs"][task_name]["output_type"]
+        record = certify_task(reference, task_name, output_type, samples, experiment.parity.requests, experiment.seed, dtype)
+        records[task_name] = record
+        detail = (f"max |diff| {record['max_abs_diff']:.2g}" if "max_abs_diff" in record
+                  else f"{record.get('identical', 0)}/{record.get('compared', 0)} generations identical")
+        level = logging.INFO if record["passed"] else logging.ERROR
+        log.log(level, "%s: parity %s on %s: %d requests, %s, %.1f s", model_name, "passed" if record["passed"] else "FAILED",
+                task_name, record["requests"], detail, record["seconds"])
+    return records
 
 
 def probe_kernels(experiment: Experiment, model: Any) -> Any:
@@ -615,7 +663,9 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
         record["response"] = filtered[0] if filtered else None
         record["pred"] = record["response"]
     primary = "acc" if "acc" in metrics else next(iter(metrics), None)
-    record["correct"] = bool(metrics[primary] >= 1.0) if primary is not None else None
+    # Right or wrong only for per-item scores; perplexities log (loglikelihood, length) pairs.
+    value = metrics.get(primary) if primary is not None else None
+    record["correct"] = bool(value >= 1.0) if isinstance(value, (int, float)) else None
     return record
 
 
@@ -634,7 +684,9 @@ def score_rows_for(
         if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
         # A task with several filters (e.g. GSM8K's answer extractors) logs each item once per filter.
-        per_item = [float(r["metrics"][metric]) for r in records if metric in r["metrics"] and r.get("filter", "none") == filt]
+        logged = [r["metrics"][metric] for r in records if metric in r["metrics"] and r.get("filter", "none") == filt]
+        # Corpus-level metrics (perplexities) log a pair per item, not a score: no per-item interval.
+        per_item = [float(v) for v in logged if isinstance(v, (int, float))] if all(isinstance(v, (int, float)) for v in logged) else []
         low, high = bootstrap_ci(per_item, seed=seed) if per_item else (None, None)
         pooled = task_results.get(f"{metric}_stderr,{filt}")
         stderr = mean_stderr(per_item) if per_item else (float(pooled) if isinstance(pooled, (int, float)) else None)
@@ -642,7 +694,7 @@ def score_rows_for(
             {
                 "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
                 "metric": metric if filt == "none" else f"{metric},{filt}", "value": float(value),
-                "stderr": stderr, "ci_low": low, "ci_high": high, "n": len(per_item) if per_item else n,
+                "stderr": stderr, "ci_low": low, "ci_high": high, "n": len(per_item) if per_item else (len(logged) or n),
             }
         )
     return rows

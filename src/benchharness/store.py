@@ -51,6 +51,45 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (and may be ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_status(manifest: dict[str, Any]) -> str:
+    """The run's status in words. A run whose manifest still says "running" is one of: still going
+    (its process is alive), killed or crashed (its process is gone: the OOM killer, SIGKILL, a power
+    loss), or on another host, where this machine cannot tell."""
+    import socket
+
+    status = str(manifest.get("status") or "unknown")
+    if status != "running":
+        return status
+    volatile = manifest.get("volatile") or {}
+    pid, host = volatile.get("pid"), volatile.get("host")
+    if pid is None or host is None:
+        return "running (or killed: this manifest records no process id)"
+    if host != socket.gethostname():
+        return f"running on {host} as process {pid}, or killed there (this machine cannot tell)"
+    if process_alive(int(pid)) and _is_harness(int(pid)):
+        return f"running (process {pid})"
+    return f"killed or crashed (process {pid} on {host} is gone; the manifest still says running)"
+
+
+def _is_harness(pid: int) -> bool:
+    """A live pid may have been reused by another program since the run's process died."""
+    try:
+        return b"benchharness" in Path(f"/proc/{pid}/cmdline").read_bytes() or pid == os.getpid()
+    except OSError:
+        return True  # no /proc here: trust the pid
+
+
 def _remove(tmp: str | None) -> None:
     if tmp is not None:
         Path(tmp).unlink(missing_ok=True)

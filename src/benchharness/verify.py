@@ -9,6 +9,7 @@ import pandas as pd
 
 from benchharness.manifest import fingerprint_sha256
 from benchharness.sources import sha256_file
+from benchharness.store import describe_status
 
 
 def verify_run(folder: Path) -> list[str]:
@@ -23,7 +24,10 @@ def verify_run(folder: Path) -> list[str]:
 
     problems = []
     if manifest.get("status") != "complete":
-        problems.append(f"status is '{manifest.get('status')}', not 'complete': finish it with `benchharness run CONFIG --resume {folder}`")
+        problems.append(f"status is '{describe_status(manifest)}', not 'complete': finish it with `benchharness run CONFIG --resume {folder}`")
+    parity = manifest.get("parity") or {}
+    if parity.get("status") == "failed":
+        problems.append(f"parity certificate failed on {', '.join(parity.get('failed', []))}: the engine's results differ from lm-eval's hf model beyond the tolerance")
     if manifest.get("fingerprint_sha256") != fingerprint_sha256(manifest.get("fingerprint", {})):
         problems.append("manifest: fingerprint_sha256 does not match the fingerprint it describes (edited by hand?)")
 
@@ -54,9 +58,11 @@ def _scores_match_samples(folder: Path) -> list[str]:
             continue
         lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").split("\n") if line.strip()]
         metric, _, filt = str(row.metric).partition(",")
-        values = [float(r["metrics"][metric]) for r in lines if metric in r.get("metrics", {}) and r.get("filter", "none") == (filt or "none")]
-        if not values:
+        logged = [r["metrics"][metric] for r in lines if metric in r.get("metrics", {}) and r.get("filter", "none") == (filt or "none")]
+        # Corpus-level metrics (perplexities) log pairs, not per-item scores: their mean is not the score.
+        if not logged or not all(isinstance(v, (int, float)) for v in logged):
             continue
+        values = [float(v) for v in logged]
         mean = sum(values) / len(values)
         if abs(mean - float(row.value)) > 1e-9 or len(values) != int(row.n):
             problems.append(f"scores.csv: {row.model}/{row.task}/{row.metric} = {row.value} (n={row.n}) but its samples give {mean} (n={len(values)})")
