@@ -1,4 +1,4 @@
-"""Command line: benchharness run | report | speed | verify | models | suites | prepare | fetch."""
+"""Command line: benchharness run | report | speed | verify | models | suites | prepare | fetch | lm-eval."""
 
 from __future__ import annotations
 
@@ -70,15 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("suites", nargs="*", default=["all"])
     prepare.add_argument("--tasks-dir", type=Path, default=Path("configs/tasks"), help="task YAMLs to render (default configs/tasks)")
 
+    # Everything after `lm-eval` is lm-eval's (split off in main(): argparse would claim --help and
+    # refuse lm-eval's options), so this parser only names the command in --help.
+    sub.add_parser(
+        "lm-eval", add_help=False,
+        help="lm-eval's own command line with the engine registered: benchharness lm-eval run --model benchharness ... (lm-eval's arguments)",
+    )
+
     fetch = sub.add_parser("fetch", help="resolve models into the cache (assemble, verify, convert)")
     fetch.add_argument("models", nargs="+")
     fetch.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
     return parser
 
 
+def _split_lm_eval(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the harness's arguments, lm-eval's): what follows the command `lm-eval` belongs to lm-eval."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--cache":
+            i += 2
+        elif token.startswith("--cache=") or token in ("-q", "--quiet"):
+            i += 1
+        else:
+            return (argv[: i + 1], argv[i + 1 :]) if token == "lm-eval" else (argv, [])
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    head, lm_eval_arguments = _split_lm_eval(argv)
+    args = build_parser().parse_args(head)
+    args.lm_eval_arguments = lm_eval_arguments
     args.argv = argv  # `run --processes N` launches the same command line again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from benchharness.data import default_cache_dir
@@ -233,6 +256,12 @@ def cmd_fetch(args: argparse.Namespace, cache_dir: Path) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.lm_eval_cli import run_lm_eval
+
+    return run_lm_eval(args.lm_eval_arguments, cache_dir / "tasks")
+
+
 COMMANDS = {
     "run": cmd_run,
     "report": cmd_report,
@@ -242,4 +271,5 @@ COMMANDS = {
     "fetch": cmd_fetch,
     "speed": cmd_speed,
     "verify": cmd_verify,
+    "lm-eval": cmd_lm_eval,
 }
