@@ -544,7 +544,10 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     if experiment.engine == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        choice = reference_batch_choice(model) if batch_size == "auto" and not device.startswith("cuda") else None
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=choice["batch_size"] if choice else batch_size, device=device)
+        lm.benchharness_batch_choice = choice  # read by batch_info for the manifest
+        return lm
     from benchharness.engine import BenchEngineLM
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
@@ -584,10 +587,35 @@ def probe_kernels(experiment: Experiment, model: Any) -> Any:
     return plan_cpu_kernels(model, enabled=experiment.engine == "benchharness")
 
 
+# lm-eval's hf model computes logits for every position of every padded row: [rows, length, vocabulary]
+# in fp32, about three copies at once (logits, log-softmax, the gathered slice's source). Its own
+# `auto` probes at the model's maximum length (32k tokens for Qwen and Gemma: tens of GB a row),
+# which a CPU machine cannot survive: the kernel's OOM killer ends the run without a word. On a
+# CPU, `auto` is therefore a batch sized from the memory available, for rows of this many tokens
+# (a long few-shot prompt), with this share of the memory.
+_REFERENCE_ROW_TOKENS = 2048
+_REFERENCE_MEMORY_SHARE = 0.5
+
+
+def reference_batch_choice(model: Any) -> dict[str, Any]:
+    """The batch lm-eval's hf model gets for `batch_size: auto` on a CPU, and why."""
+    import psutil
+
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    per_row = _REFERENCE_ROW_TOKENS * vocab * 4 * 3
+    available = psutil.virtual_memory().available
+    rows = max(1, min(64, int(available * _REFERENCE_MEMORY_SHARE // per_row)))
+    return {"batch_size": rows, "how": f"memory-bounded: {_REFERENCE_ROW_TOKENS}-token rows x {vocab} logits x 12 bytes within "
+                                       f"{_REFERENCE_MEMORY_SHARE:.0%} of {available / 2**30:.1f} GiB available"}
+
+
 def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
     """How the batch size was chosen, for the manifest."""
     if experiment.engine == "hf":
         size = experiment.inference.batch_size
+        choice = getattr(lm, "benchharness_batch_choice", None)
+        if choice is not None:
+            return {"engine": "hf", **choice}
         return {"engine": "hf", "batch_size": getattr(lm, "batch_size", size), "how": "lm-eval auto" if size == "auto" else "configured"}
     return {"engine": "benchharness", **lm.batch_info}
 
