@@ -17,11 +17,6 @@ from typing import Any
 
 from benchharness.engine.parity import TOLERANCE
 
-# Loglikelihood requests are scored by HFLM one at a time: its logits of a whole padded batch
-# over a 150k-260k vocabulary would take gigabytes. Generation runs a few prompts per batch.
-_GENERATE_BATCH = 8
-
-
 def request_type(output_type: str) -> str:
     return "loglikelihood" if output_type == "multiple_choice" else output_type
 
@@ -35,9 +30,13 @@ def sample_documents(samples: Sequence[Mapping[str, Any]], task: str, requests: 
     taken whole (all choices of a multiple-choice item) until `requests` requests are covered."""
     chosen: list[Mapping[str, Any]] = []
     covered = 0
+    seen: set[Any] = set()
     for sample in sorted(samples, key=lambda s: _order(task, s["doc_id"], seed)):
         if covered >= requests:
             break
+        if sample["doc_id"] in seen:
+            continue  # a task with several filters logs each document once per filter, with the same requests
+        seen.add(sample["doc_id"])
         chosen.append(sample)
         covered += len(sample["arguments"])
     return chosen
@@ -63,18 +62,18 @@ def certify_task(
     record["requests"] = len(instances)
     if kind == "generate_until":
         greedy = [i for i, inst in enumerate(instances) if not inst.args[1].get("do_sample") and not float(inst.args[1].get("temperature", 0) or 0)]
-        theirs = _in_batches(reference.generate_until, [instances[i] for i in greedy], _GENERATE_BATCH)
+        theirs = reference.generate_until([instances[i] for i in greedy], disable_tqdm=True) if greedy else []
         identical = sum(ours[i] == text for i, text in zip(greedy, theirs, strict=True))
         record.update(compared=len(greedy), identical=identical, sampled_skipped=len(instances) - len(greedy),
                       passed=identical == len(greedy))
         record["differing"] = [owners[i] for i, text in zip(greedy, theirs, strict=True) if ours[i] != text][:10]
     elif kind == "loglikelihood_rolling":
-        theirs = _in_batches(reference.loglikelihood_rolling, instances, 1)
+        theirs = reference.loglikelihood_rolling(instances, disable_tqdm=True)
         diffs = [abs(float(a) - float(b)) for a, b in zip(ours, theirs, strict=True)]
         record.update(compared=len(diffs), max_abs_diff=max(diffs, default=0.0),
                       passed=all(d <= tolerance.bound(float(b)) for d, b in zip(diffs, theirs, strict=True)))
     else:
-        theirs = _in_batches(reference.loglikelihood, instances, 1)
+        theirs = reference.loglikelihood(instances, disable_tqdm=True)
         diffs = [abs(float(a[0]) - float(b[0])) for a, b in zip(ours, theirs, strict=True)]
         within = all(d <= tolerance.bound(float(b[0])) for d, b in zip(diffs, theirs, strict=True))
         greedy_agree = sum(bool(a[1]) == bool(b[1]) for a, b in zip(ours, theirs, strict=True))
@@ -84,13 +83,6 @@ def certify_task(
                       passed=within and argmax_agree == argmax_docs and (greedy_agree == len(diffs) or dtype != "float32"))
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
-
-
-def _in_batches(method: Any, instances: list[Any], size: int) -> list[Any]:
-    out: list[Any] = []
-    for start in range(0, len(instances), size):
-        out.extend(method(instances[start:start + size], disable_tqdm=True))
-    return out
 
 
 def _argmax_agreement(ours: list[Any], theirs: list[Any], owners: list[Any], tolerance: Any) -> tuple[int, int, int]:

@@ -542,12 +542,10 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     """The lm-eval model for the configured engine."""
     batch_size = experiment.inference.batch_size
     if experiment.engine == "hf":
-        from lm_eval.models.huggingface import HFLM
+        from benchharness.reference import ReferenceLM
 
-        choice = reference_batch_choice(model) if batch_size == "auto" and not device.startswith("cuda") else None
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=choice["batch_size"] if choice else batch_size, device=device)
-        lm.benchharness_batch_choice = choice  # read by batch_info for the manifest
-        return lm
+        # lm-eval's hf model; on a CPU its `auto` batch is sized from memory (reference.py says why).
+        return ReferenceLM(model, tokenizer, batch_size, device)
     from benchharness.engine import BenchEngineLM
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
@@ -555,10 +553,11 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
 
 
 def make_reference_lm(model: Any, tokenizer: Any, device: str) -> Any:
-    """lm-eval's own `hf` model over the already loaded weights: the parity certificate's reference."""
-    from lm_eval.models.huggingface import HFLM
+    """lm-eval's own `hf` model over the already loaded weights: the parity certificate's reference,
+    with a batch that fits memory (`auto`: lm-eval's probe on a GPU, memory-bounded on a CPU)."""
+    from benchharness.reference import ReferenceLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device=device)
+    return ReferenceLM(model, tokenizer, "auto", device)
 
 
 def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experiment, dtype: str, model_name: str) -> dict[str, dict[str, Any]]:
@@ -568,7 +567,10 @@ def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experimen
     records = {}
     for task_name, samples in results["samples"].items():
         output_type = results["configs"][task_name]["output_type"]
+        made = len(reference.batch_choices)
         record = certify_task(reference, task_name, output_type, samples, experiment.parity.requests, experiment.seed, dtype)
+        # The reference's batches (memory-bounded on a CPU), so its memory use can be read back.
+        record["reference_batch"] = [choice["batch_size"] for choice in reference.batch_choices[made:]] or reference.batch_size
         records[task_name] = record
         detail = (f"max |diff| {record['max_abs_diff']:.2g}" if "max_abs_diff" in record
                   else f"{record.get('identical', 0)}/{record.get('compared', 0)} generations identical")
@@ -587,36 +589,10 @@ def probe_kernels(experiment: Experiment, model: Any) -> Any:
     return plan_cpu_kernels(model, enabled=experiment.engine == "benchharness")
 
 
-# lm-eval's hf model computes logits for every position of every padded row: [rows, length, vocabulary]
-# in fp32, about three copies at once (logits, log-softmax, the gathered slice's source). Its own
-# `auto` probes at the model's maximum length (32k tokens for Qwen and Gemma: tens of GB a row),
-# which a CPU machine cannot survive: the kernel's OOM killer ends the run without a word. On a
-# CPU, `auto` is therefore a batch sized from the memory available, for rows of this many tokens
-# (a long few-shot prompt), with this share of the memory.
-_REFERENCE_ROW_TOKENS = 2048
-_REFERENCE_MEMORY_SHARE = 0.5
-
-
-def reference_batch_choice(model: Any) -> dict[str, Any]:
-    """The batch lm-eval's hf model gets for `batch_size: auto` on a CPU, and why."""
-    import psutil
-
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    per_row = _REFERENCE_ROW_TOKENS * vocab * 4 * 3
-    available = psutil.virtual_memory().available
-    rows = max(1, min(64, int(available * _REFERENCE_MEMORY_SHARE // per_row)))
-    return {"batch_size": rows, "how": f"memory-bounded: {_REFERENCE_ROW_TOKENS}-token rows x {vocab} logits x 12 bytes within "
-                                       f"{_REFERENCE_MEMORY_SHARE:.0%} of {available / 2**30:.1f} GiB available"}
-
-
 def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
     """How the batch size was chosen, for the manifest."""
     if experiment.engine == "hf":
-        size = experiment.inference.batch_size
-        choice = getattr(lm, "benchharness_batch_choice", None)
-        if choice is not None:
-            return {"engine": "hf", **choice}
-        return {"engine": "hf", "batch_size": getattr(lm, "batch_size", size), "how": "lm-eval auto" if size == "auto" else "configured"}
+        return lm.batch_info()
     return {"engine": "benchharness", **lm.batch_info}
 
 

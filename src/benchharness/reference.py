@@ -1,0 +1,96 @@
+"""lm-eval's own `hf` model (HFLM) as the harness uses it: the reference engine (`engine: hf`) and
+the parity certificate's second opinion, both built on an already loaded model.
+
+Takes: a loaded model and tokenizer, a batch size (a number or "auto"), a device. Gives: an HFLM
+whose scores and generations are lm-eval's own; only how `auto` picks a batch differs on a CPU.
+
+Why: lm-eval's `auto` runs the model at its first guess (64 rows of the longest request, or of the
+model's whole context for generation) and halves on an out-of-memory error. A GPU raises that
+error; a CPU under Linux's memory overcommit does not: HFLM computes logits for every position of
+every row, and 64 MMLU rows of Qwen2.5 (543 tokens x 151,936 vocabulary x 4 bytes) are a 19.7 GiB
+tensor that the kernel grants untouched, then fills, then the OOM killer ends the process without
+a word (a 24 GiB machine; then 19.7 GiB more for the log-softmax). So on a CPU `auto` is sized
+from the memory available instead, for the longest row lm-eval is about to batch, and every
+choice is kept (`batch_choices`) for the manifest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.models.huggingface import HFLM
+
+# Share of the memory available (when the batch is chosen) that one batch may take.
+MEMORY_SHARE = 0.5
+# fp32 logits of every position, alive together: the model's output, its log-softmax, and a
+# softcap's or slice's temporary (Gemma's final softcapping makes one).
+_LOGIT_COPIES = 3
+_BYTES = 4
+
+
+def row_bytes(model: Any, tokens: int) -> int:
+    """Memory one row of `tokens` tokens needs in HFLM's forward: the logits of every position, plus
+    the body's widest activations and one layer's attention scores (eager or math SDPA on a CPU)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    per_token = _LOGIT_COPIES * vocab + 8 * hidden + 3 * intermediate + heads * tokens
+    return tokens * per_token * _BYTES
+
+
+def memory_bounded_batch(model: Any, tokens: int, available: int, most: int) -> dict[str, Any]:
+    """Rows of `tokens` tokens that fit in MEMORY_SHARE of `available` bytes (at least 1, at most `most`)."""
+    need = row_bytes(model, tokens)
+    rows = max(1, min(most, int(available * MEMORY_SHARE) // max(need, 1)))
+    return {"tokens": tokens, "batch_size": rows, "row_gib": round(need / 2**30, 3), "available_gib": round(available / 2**30, 1)}
+
+
+class ReferenceLM(HFLM):
+    """HFLM with a memory-bounded `auto` batch on a CPU (lm-eval's own probe elsewhere)."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str, device: str) -> None:
+        self.memory_bounded = batch_size == "auto" and not str(device).startswith(("cuda", "mps"))
+        self.batch_choices: list[dict[str, Any]] = []
+        self._generation_tokens: int | None = None
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+
+    def batch_info(self) -> dict[str, Any]:
+        """How the batch was chosen, for the manifest (`models.<name>.batch`)."""
+        if not self.memory_bounded:
+            return {"engine": "hf", "batch_size": self.batch_size,
+                    "budget_method": "lm-eval-auto" if self.batch_size == "auto" else "configured"}
+        return {"engine": "hf", "batch_size": "auto", "budget_method": "memory-bounded", "memory_share": MEMORY_SHARE,
+                "choices": list(self.batch_choices)}
+
+    def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+        if not self.memory_bounded:
+            return super()._detect_batch_size(requests, pos)
+        import psutil
+
+        if requests:
+            # The row lm-eval batches next (its requests are sorted longest first), truncated as it will be.
+            _, context_enc, continuation_enc = requests[pos]
+            tokens = len((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
+        else:
+            # Generation: the longest prompt plus the tokens to generate; rolling windows: the whole context.
+            tokens = self._generation_tokens or self.max_length
+        choice = memory_bounded_batch(self.model, tokens, psutil.virtual_memory().available, self.max_batch_size)
+        self.batch_choices.append(choice)
+        return int(choice["batch_size"])
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        if self.memory_bounded and requests:
+            from lm_eval.models.utils import normalize_gen_kwargs
+
+            longest = 0
+            for request in requests:
+                context, gen_kwargs = request.args
+                new = int(normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)["max_gen_toks"])
+                longest = max(longest, min(len(self.tok_encode(context)), self.max_length - new) + new)
+            self._generation_tokens = longest
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._generation_tokens = None
