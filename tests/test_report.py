@@ -414,3 +414,18 @@ def test_a_run_whose_process_is_gone_is_reported_killed(tmp_path: Path) -> None:
     manifest["volatile"]["pid"] = os.getpid()
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert f"running (process {os.getpid()})" in write_run_report(run).read_text()
+
+
+def test_models_table_says_how_each_batch_was_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest's batch records (the engine's token budget and its method, lm-eval's memory-bounded
+    rows under engine: hf) read as words in the models table, not as raw dictionaries."""
+    engine = {"engine": "benchharness", "batch_size": "auto", "max_rows": 64, "token_budget": 1024, "budget_method": "cpu-fixed",
+              "budget_probes": [], "oom_splits": 0, "cpu_kernels": "onednn linear"}
+    reference = {"engine": "hf", "batch_size": "auto", "budget_method": "memory-bounded", "memory_share": 0.5,
+                 "choices": [{"tokens": 543, "batch_size": 3, "row_gib": 2.7, "available_gib": 17.1}]}
+    monkeypatch.setitem(MODELS["qwen-mini"], "batch", engine)
+    monkeypatch.setitem(MODELS["smol-mini"], "batch", reference)
+    models = write_run_report(make_run(tmp_path, RUN_A, ["qwen-mini", "smol-mini"])).read_text().split("## Models", 1)[1]
+    assert "| auto: 1024-token budget (fixed on a CPU, at most 64 rows) |" in models
+    assert "| auto: 3 x 543 tokens (memory-bounded: 50% of 17.1 GiB available) |" in models
+    assert "budget_probes" not in models and "choices" not in models

@@ -59,8 +59,9 @@ class ReferenceLM(HFLM):
     def batch_info(self) -> dict[str, Any]:
         """How the batch was chosen, for the manifest (`models.<name>.batch`)."""
         if not self.memory_bounded:
-            return {"engine": "hf", "batch_size": self.batch_size,
-                    "budget_method": "lm-eval-auto" if self.batch_size == "auto" else "configured"}
+            if self.batch_size == "auto":
+                return {"engine": "hf", "batch_size": "auto", "budget_method": "lm-eval-auto", "detected": sorted(set(self.batch_sizes.values()))}
+            return {"engine": "hf", "batch_size": self.batch_size, "budget_method": "configured"}
         return {"engine": "hf", "batch_size": "auto", "budget_method": "memory-bounded", "memory_share": MEMORY_SHARE,
                 "choices": list(self.batch_choices)}
 

@@ -196,7 +196,7 @@ def _entries(runs: list[Run]) -> pd.DataFrame:
                 "build": str(build or ""), "organisation": info.get("organisation", ""), "family": info.get("family", ""),
                 "params": info.get("params", ""), "source": _compact(info.get("source")), "dtype": info.get("dtype", ""),
                 "device": info.get("device", ""), "engine": info.get("engine", ""),
-                "chat_template": _yes_no(info.get("chat_template")), "batch": _compact(info.get("batch")),
+                "chat_template": _yes_no(info.get("chat_template")), "batch": describe_batch(info.get("batch")),
                 "weights_sha256": str(info.get("weights_sha256") or "")[:12],
             })
     frame = pd.DataFrame(rows, columns=[
@@ -223,6 +223,42 @@ def _compact(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_compact(v) for v in value)
     return str(value)
+
+
+# The engine's `budget_method` (benchharness.engine.autobatch) in words.
+_BUDGET_METHODS = {"cpu-fixed": "fixed on a CPU", "cpu-overhead-fit": "fitted to timings", "cuda-oom-backoff": "largest without running out of memory",
+                   "none": "configured", "not-yet-probed": "not chosen: nothing was scored"}
+
+
+def describe_batch(batch: Any) -> str:
+    """The manifest's `models.<name>.batch` in a few words: the batch or token budget, and how it was chosen."""
+    if not isinstance(batch, dict):
+        return _compact(batch)
+    method, size = batch.get("budget_method"), batch.get("batch_size")
+    if batch.get("engine") == "hf":
+        if method == "memory-bounded":
+            shapes = sorted({(int(c["batch_size"]), int(c["tokens"])) for c in batch.get("choices") or []}, key=lambda bt: -bt[1])
+            available = sorted({c.get("available_gib") for c in batch.get("choices") or []} - {None})
+            if not shapes:
+                return "auto, memory-bounded (no batch chosen yet)"
+            rows = ", ".join(f"{b} x {t} tokens" for b, t in shapes)
+            share = f"{float(batch.get('memory_share', 0.5)):.0%}"
+            memory = f"{available[0]:g}" if len(available) == 1 else f"{available[0]:g}-{available[-1]:g}"
+            return f"auto: {rows} (memory-bounded: {share} of {memory} GiB available)"
+        if method == "lm-eval-auto":
+            return f"auto: {_compact(batch.get('detected')) or '?'} rows (lm-eval's probe)"
+        how = batch.get("how")  # manifests written before budget_method
+        return f"{size} rows ({how or 'configured'})"
+    budget, rows = batch.get("token_budget"), batch.get("max_rows")
+    text = f"{budget}-token budget" if budget else f"{rows} rows"
+    text = f"auto: {text}" if size == "auto" else text
+    words = _BUDGET_METHODS.get(str(method), str(method)) if method else ""
+    details = [words] if words else []
+    if budget and rows:
+        details.append(f"at most {rows} rows")
+    if batch.get("oom_splits"):
+        details.append(f"{batch['oom_splits']} out-of-memory splits")
+    return text + (f" ({', '.join(details)})" if details else "")
 
 
 def _yes_no(value: Any) -> str:
