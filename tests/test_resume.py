@@ -1,27 +1,35 @@
-"""Resilience: a run killed midway resumes to the same results without recomputing finished work;
-Ctrl-C marks a run incomplete; verify notices tampering."""
+"""Resilience: a run killed midway (SIGKILL, as the OOM killer does) is reported as killed and
+resumes to the same results without recomputing finished work; Ctrl-C marks a run incomplete;
+verify notices tampering.
+
+The signals land at a state the test waits for, never at a moment it guesses: the run's last
+suite is a test-only task whose results step holds the process (HELD_HOOKS) once every request
+of the suite has been answered and saved in the request cache. The hold is switched on by an
+environment variable that only these tests set, only for the run they start, in that task's own
+hook file; the harness itself has no test hook.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from benchharness.cli import main
+from benchharness.verify import verify_run
 from conftest import read_jsonl, tiny_catalog, write_experiment
 
-LIMIT = 400
-# Batch 1: lm-eval's hf model pads a batch to its longest request, so a resumed run, which
-# regroups the requests left, would compute some requests in other matrix shapes than a
-# straight run (last-bit differences); and one request per forward pass keeps an idle
-# machine from finishing the run before a signal lands.
+LIMIT = 3
+# For the tests that only need a finished run.
 BODY = f"""
 name: resume
 models: [tiny-llama]
@@ -35,79 +43,171 @@ output_dir: runs
 speed: null
 """
 
-
-def _start(config: Path, cache: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "benchharness", "--cache", str(cache), "run", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _cached_rows(runs: Path) -> int:
-    dbs = list(runs.glob("*/cache/*.db"))
-    if not dbs:
-        return 0
-    try:
-        with sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("select count(*) from unnamed").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+HELD_HOOKS = '''
+"""process_results of the test task held_mc. With BENCHHARNESS_TEST_HOLD=<file> set (only by
+tests/test_resume.py, for the run it starts), the first call writes the process id to <file> and
+waits for the test's signal: every request of the suite is answered and cached by then."""
+import os
+import time
+from pathlib import Path
 
 
-def _wait_for(condition, proc: subprocess.Popen[str], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the run to make progress"
+def process_results(doc, results):
+    hold = os.environ.get("BENCHHARNESS_TEST_HOLD")
+    if hold:
+        Path(hold).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError("held for 600 s and no signal came")
+    lls = [ll for ll, _ in results]
+    return {"acc": float(lls.index(max(lls)) == doc["answer"])}
+'''
+HELD_DOCS = 10
+
+
+def _held_task(root: Path) -> Path:
+    """Folder of the task held_mc: 10 four-choice questions over local data, scored by HELD_HOOKS."""
+    tasks = root / "held_tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    data = root / "held.jsonl"
+    words = ["field", "degree", "statement", "answer", "true", "false", "extension", "following"]
+    docs = [{"question": f"Which {words[i % 8]} of {i} is the {words[(3 * i) % 8]}?", "choices": [f"{w} {i}" for w in words[:4]], "answer": i % 4}
+            for i in range(HELD_DOCS)]
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "held_hooks.py").write_text(HELD_HOOKS)
+    (tasks / "held_mc.yaml").write_text(textwrap.dedent(f"""
+        task: held_mc
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{test: "{data}"}}}}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}\\nAnswer:"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        process_results: !function held_hooks.process_results
+        metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
+    """))
+    return tasks
+
+
+def _held_experiment(folder: Path, tiny_model_dir: Path, suites: str) -> Path:
+    body = f"""
+    name: held
+    models: [tiny-llama]
+    suites: {suites}
+    engine: benchharness
+    inference: {{dtype: float32, device: cpu, batch_size: auto}}
+    seed: 5
+    output_dir: runs
+    speed: null
+    include_paths: [{_held_task(folder)}]
+    """
+    return write_experiment(folder, body, tiny_catalog(tiny_model_dir))
+
+
+def _start_held(config: Path, cache: Path, hold: Path) -> subprocess.Popen[str]:
+    """The run in its own process, set to hold in held_mc's results step (writing `hold` then)."""
+    env = {**os.environ, "BENCHHARNESS_TEST_HOLD": str(hold)}
+    return subprocess.Popen([sys.executable, "-m", "benchharness", "--cache", str(cache), "run", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_until_held(proc: subprocess.Popen[str], hold: Path) -> None:
+    """Until the run holds (it cannot finish before: it waits for the signal). The deadline only
+    turns a broken run into a failure instead of a hung test."""
+    deadline = time.monotonic() + 600
+    while not hold.exists() or not hold.read_text():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before reaching the hold: {proc.communicate()[1][-3000:]}")
+        assert time.monotonic() < deadline, "the run did not reach the hold in 600 s"
         time.sleep(0.05)
+    assert int(hold.read_text()) == proc.pid
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path) -> None:
-    catalog = tiny_catalog(tiny_model_dir)
-    config = write_experiment(tmp_path / "killed", BODY, catalog)
-    runs = config.parent / "runs"
-    proc = _start(config, tmp_path / "cache")
-    _wait_for(lambda: _cached_rows(runs) >= 200, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (run,) = list(runs.iterdir())
-    assert json.loads((run / "manifest.json").read_text())["status"] == "running"  # never looks complete
-    assert not (run / "scores.csv").exists()
-    done_before = _cached_rows(runs)
+def _drop_last_answers(run: Path, count: int) -> None:
+    """Forget the `count` requests the killed process answered last, as if it had died computing them."""
+    (db_path,) = list((run / "cache").glob("*.db"))
+    with sqlite3.connect(db_path) as db:
+        db.execute("delete from unnamed where rowid in (select rowid from unnamed order by rowid desc limit ?)", (count,))
 
+
+def test_sigkill_is_reported_killed_and_resumes_to_the_uninterrupted_results(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    suites = f"[{{name: mmlu, limit: {LIMIT}}}, held_mc]"
+    config = _held_experiment(tmp_path / "killed", tiny_model_dir, suites)
+    hold = tmp_path / "held"
+    proc = _start_held(config, tmp_path / "cache", hold)
+    try:
+        _wait_until_held(proc, hold)
+        (run,) = list((config.parent / "runs").iterdir())
+        before = json.loads((run / "manifest.json").read_text())
+        # The first suite is written and certified; the second is answered but not written.
+        assert before["status"] == "running" and before["completed_suites"] == [["tiny-llama", "mmlu"]]
+        certified = before["models"]["tiny-llama"]["parity"]
+        assert set(certified) == {"bh_mmlu"} and certified["bh_mmlu"]["passed"]
+        assert before["volatile"]["pid"] == proc.pid and before["volatile"]["host"] == socket.gethostname()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    # What the kernel's OOM killer leaves: a manifest saying "running" and no process behind it.
+    killed = f"killed or crashed (process {proc.pid} on {socket.gethostname()} is gone"
+    assert any(killed in line for line in verify_run(run))
+    assert main(["report", str(run)]) == 0
+    assert killed in (run / "report" / "report.md").read_text()
+    capsys.readouterr()
+
+    _drop_last_answers(run, 5)
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume"]) == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["volatile"]["resumed"]) == 1
-    counts = manifest["models"]["tiny-llama"]["requests"]["bh_mmlu"]
-    assert counts["cached"] >= done_before >= 200  # what the killed run finished was not recomputed
-    assert counts["computed"] + counts["cached"] == 4 * LIMIT
+    assert manifest["volatile"]["pid"] == os.getpid()
+    # The finished suite was not run again; of the held one, only the 5 forgotten answers were computed.
+    assert set(manifest["models"]["tiny-llama"]["requests"]) == {"bh_mmlu", "held_mc"}
+    assert manifest["models"]["tiny-llama"]["requests"]["held_mc"] == {"computed": 5, "cached": 4 * HELD_DOCS - 5}
+    # The killed process's certificate of the finished suite survived; the resumed one certified the rest.
+    parity = manifest["models"]["tiny-llama"]["parity"]
+    assert parity["bh_mmlu"] == certified["bh_mmlu"] and parity["held_mc"]["passed"]
+    assert manifest["parity"]["status"] == "passed" and manifest["parity"]["tasks"] == 2
 
-    reference = write_experiment(tmp_path / "straight", BODY, catalog)
-    assert main(["--cache", str(tmp_path / "cache"), "run", str(reference)]) == 0
-    (straight,) = list((reference.parent / "runs").iterdir())
-    resumed_samples = read_jsonl(run / "samples/tiny-llama/bh_mmlu.jsonl")
-    straight_samples = read_jsonl(straight / "samples/tiny-llama/bh_mmlu.jsonl")
-    assert len(resumed_samples) == len(straight_samples) == LIMIT
-    for resumed, plain in zip(resumed_samples, straight_samples, strict=True):
-        # Every field equal; loglikelihoods to float noise (the killed and the resumed process
-        # each ran part of the requests, the straight run all of them).
-        assert resumed["loglikelihoods"] == pytest.approx(plain["loglikelihoods"], abs=1e-5)
-        assert {**resumed, "loglikelihoods": None} == {**plain, "loglikelihoods": None}
+    straight_config = _held_experiment(tmp_path / "straight", tiny_model_dir, suites)
+    assert main(["--cache", str(tmp_path / "cache"), "run", str(straight_config)]) == 0
+    (straight,) = list((straight_config.parent / "runs").iterdir())
+    for task in ("bh_mmlu", "held_mc"):
+        resumed_samples = read_jsonl(run / f"samples/tiny-llama/{task}.jsonl")
+        straight_samples = read_jsonl(straight / f"samples/tiny-llama/{task}.jsonl")
+        assert len(resumed_samples) == len(straight_samples) > 0
+        for resumed, plain in zip(resumed_samples, straight_samples, strict=True):
+            # Every field equal; loglikelihoods to float noise (two processes answered parts of them).
+            assert resumed["loglikelihoods"] == pytest.approx(plain["loglikelihoods"], abs=1e-5)
+            assert {**resumed, "loglikelihoods": None} == {**plain, "loglikelihoods": None}
     assert (run / "scores.csv").read_text() == (straight / "scores.csv").read_text()
     assert main(["verify", str(run)]) == 0
 
 
-def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path) -> None:
-    config = write_experiment(tmp_path, BODY, tiny_catalog(tiny_model_dir))
-    runs = config.parent / "runs"
-    proc = _start(config, tmp_path / "cache")
-    _wait_for(lambda: _cached_rows(runs) >= 20, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _held_experiment(tmp_path, tiny_model_dir, "[held_mc]")
+    hold = tmp_path / "held"
+    proc = _start_held(config, tmp_path / "cache", hold)
+    try:
+        _wait_until_held(proc, hold)
+        (run,) = list((config.parent / "runs").iterdir())
+        # While its process lives the run reads as running, and no second process may resume it.
+        assert any(f"running (process {proc.pid})" in line for line in verify_run(run))
+        assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume"]) == 2
+        assert f"still going (process {proc.pid} on this host)" in capsys.readouterr().err
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 130, f"exit code {proc.returncode}: {err[-1000:]}"
-    (run,) = list(runs.iterdir())
+    assert "interrupted" in err
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "incomplete"
+    assert manifest["status"] == "incomplete" and manifest["completed_suites"] == []
     assert "incomplete" in (run / "report.md").read_text().lower()
     assert main(["verify", str(run)]) == 1
 

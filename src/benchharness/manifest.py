@@ -60,7 +60,7 @@ def initial_manifest(
         # pid and host: `report` and `verify` tell a run still going from one whose process died.
         "volatile": {"started": started.isoformat(), "finished": None, "resumed": [], "host": socket.gethostname(),
                      "pid": os.getpid(), "command": " ".join(sys.argv)},
-        "parity": {"status": "pending", "requests_per_type": experiment.parity.requests if experiment.engine == "benchharness" else 0},
+        "parity": initial_parity(experiment),
         "models": models,
         "tasks": {},
         "completed": [],
@@ -69,6 +69,13 @@ def initial_manifest(
         "versions": fingerprint["versions"],
         "hardware": hardware,
     }
+
+
+def initial_parity(experiment: Experiment) -> dict[str, Any]:
+    """The manifest's `parity` while the run is going; the runner replaces it with the certificate's summary at the end."""
+    if experiment.engine == "hf":
+        return {"status": "reference engine", "requests_per_type": 0}
+    return {"status": "pending" if experiment.parity.requests else "off", "requests_per_type": experiment.parity.requests}
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:

@@ -29,12 +29,12 @@ from benchharness.config import Experiment, SuiteSpec
 from benchharness.data import SUITES, check_task_data_offline, prepare_suite, render_tasks
 from benchharness.distributed import DistContext, check_parallel, main_first, on_main
 from benchharness.errors import HarnessError
-from benchharness.manifest import fingerprint_sha256, initial_manifest
+from benchharness.manifest import fingerprint_sha256, initial_manifest, initial_parity
 from benchharness.metered import MeteredLM
 from benchharness.scoring import macro_average, subject_scores
 from benchharness.perf import MachineLimits, MatmulParams, MemorySampler, hardware_info, load_timer, matmul_params, measure_machine_limits, run_speed_probe
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
-from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore
+from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, run_process
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
             manifest["volatile"]["resumed"].append(started.isoformat())
             # The process now running it, and where (an earlier one may have been killed).
             manifest["volatile"].update(host=socket.gethostname(), pid=os.getpid())
+            # Tasks certified before the interruption keep their records (models.<name>.parity); the rest are certified now.
+            manifest["parity"] = initial_parity(experiment)
             score_rows, speed_rows = _finished_rows(store, manifest, [p.spec.name for p in planned])
             log.info("resuming %s: %d model/suite pair(s) already done", store.folder, len(manifest["completed_suites"]))
         if dist is not None:
@@ -294,9 +296,9 @@ def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     if config.get("engine") == "hf":
         return {"status": "reference engine", "note": "engine: hf is lm-eval's own model: nothing to compare"}
     requests = int((manifest.get("parity") or {}).get("requests_per_type", 0))
-    if requests == 0:
+    per_model = {name: info["parity"] for name, info in manifest.get("models", {}).items() if info.get("parity")}
+    if requests == 0 and not per_model:
         return {"status": "off", "note": "parity: {requests: 0}"}
-    per_model = {name: info.get("parity", {}) for name, info in manifest.get("models", {}).items()}
     dtype = str(next((info.get("dtype") for info in manifest.get("models", {}).values() if info.get("dtype")), "float32"))
     return summary(per_model, dtype, requests)
 
@@ -357,6 +359,10 @@ def _resumable_manifest(store: RunStore, experiment: Experiment) -> dict[str, An
         )
     if manifest.get("status") == "complete":
         raise HarnessError(f"--resume {store.folder}: that run is already complete. Fix: start a new run without --resume.")
+    # A run killed by the system still says "running"; one whose process is alive must not get a second writer.
+    pid = (manifest.get("volatile") or {}).get("pid")
+    if manifest.get("status") == "running" and run_process(manifest) == "alive" and pid != os.getpid():
+        raise HarnessError(f"--resume {store.folder}: that run is still going (process {pid} on this host). Fix: wait for it, or stop it first.")
     return manifest
 
 

@@ -62,22 +62,37 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def run_process(manifest: dict[str, Any]) -> str:
+    """Where the process that last ran this run stands: "alive" (on this host, still a harness
+    process), "gone" (on this host, no such process: killed by the OOM killer or SIGKILL, crashed,
+    or the machine restarted), "elsewhere" (another host: this machine cannot tell) or "unknown"
+    (a manifest that records no process). Only meaningful while the manifest says "running"."""
+    import socket
+
+    volatile = manifest.get("volatile") or {}
+    pid, host = volatile.get("pid"), volatile.get("host")
+    if pid is None or host is None:
+        return "unknown"
+    if host != socket.gethostname():
+        return "elsewhere"
+    return "alive" if process_alive(int(pid)) and _is_harness(int(pid)) else "gone"
+
+
 def describe_status(manifest: dict[str, Any]) -> str:
     """The run's status in words. A run whose manifest still says "running" is one of: still going
     (its process is alive), killed or crashed (its process is gone: the OOM killer, SIGKILL, a power
     loss), or on another host, where this machine cannot tell."""
-    import socket
-
     status = str(manifest.get("status") or "unknown")
     if status != "running":
         return status
     volatile = manifest.get("volatile") or {}
     pid, host = volatile.get("pid"), volatile.get("host")
-    if pid is None or host is None:
+    state = run_process(manifest)
+    if state == "unknown":
         return "running (or killed: this manifest records no process id)"
-    if host != socket.gethostname():
+    if state == "elsewhere":
         return f"running on {host} as process {pid}, or killed there (this machine cannot tell)"
-    if process_alive(int(pid)) and _is_harness(int(pid)):
+    if state == "alive":
         return f"running (process {pid})"
     return f"killed or crashed (process {pid} on {host} is gone; the manifest still says running)"
 
