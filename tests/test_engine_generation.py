@@ -7,9 +7,11 @@ import collections
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import make_model, make_tokenizer, mmlu_docs
+from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 
 from benchharness.engine import BenchEngineLM
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_NEW = 16
 

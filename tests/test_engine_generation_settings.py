@@ -9,10 +9,12 @@ import collections
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import make_model, make_tokenizer, mmlu_docs
+from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.decode_settings import GenerationSettingError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_NEW = 14
 GREEDY = {"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}
@@ -119,3 +121,12 @@ def test_the_experiments_seed_reaches_the_engine(tmp_path) -> None:
         assert lm.seed == seed
         outputs.setdefault(seed, []).append(lm.generate_until(sampled))
     assert outputs[11][0] == outputs[11][1] != outputs[12][0]
+
+
+def test_a_tasks_max_length_is_refused() -> None:
+    """lm-eval's hf model hands a task's `max_length` to generate as prompt + output length of its
+    padded batch, so its outputs would depend on batching: refused, naming max_gen_toks instead."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer), seed=1)
+    with pytest.raises(GenerationSettingError, match="max_length=40.*max_gen_toks"):
+        BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(_requests(GREEDY | {"max_length": 40}, n=2))

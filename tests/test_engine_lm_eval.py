@@ -11,12 +11,13 @@ import pytest
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from test_engine_support import (
+from test_engine_support import (  # noqa: F401  (one_torch_thread: a fixture)
     generation_task,
     make_model,
     make_tokenizer,
     mmlu_docs,
     mmlu_task,
+    one_torch_thread,
     text_choice_task,
     write_jsonl,
 )
@@ -24,6 +25,8 @@ from test_engine_support import (
 import benchharness.engine  # noqa: F401  (registers "benchharness")
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.autobatch import CPU_TOKEN_BUDGET
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import make_model, make_tokenizer, mmlu_docs
+from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.batching import (
@@ -22,6 +22,8 @@ from benchharness.engine.batching import (
 )
 from benchharness.engine.head import split_model
 from benchharness.engine.scoring import _HEAD_ROWS, _VOCAB_BLOCK, ancestor_mask, score_nodes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCHS = [("llama", False), ("qwen2", False), ("gemma3", True)]
 
@@ -332,3 +334,26 @@ def test_batches_do_not_depend_on_machine_speed(monkeypatch):
     assert info_a["token_budget"] == info_b["token_budget"] == autobatch.CPU_TOKEN_BUDGET
     assert stats_a == stats_b  # the same forwards, rows and padding
     assert first == second  # bit for bit
+
+
+def test_the_timing_probe_runs_only_when_asked(monkeypatch):
+    """`max_batch_tokens=probe` brings back the CPU timing probe (then batches follow the clock, and
+    the manifest says so); without it the same clock leaves the fixed budget."""
+    import itertools
+
+    from benchharness.engine import autobatch
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    ticks = itertools.count()
+    # Every timed forward takes one tick, whatever its size: all fixed cost, the largest budget.
+    monkeypatch.setattr(autobatch.time, "perf_counter", lambda: float(next(ticks)))
+    probed = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens="probe")
+    assert probed.batch_info["budget_method"] == "not-yet-probed"
+    assert probed.token_budget() == autobatch._CPU_MAX_BUDGET
+    assert probed.batch_info["budget_method"] == "cpu-overhead-fit" and len(probed.batch_info["budget_probes"]) == 3
+    fixed = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
+    assert fixed.token_budget() == autobatch.CPU_TOKEN_BUDGET
+    assert fixed.batch_info["budget_method"] == "cpu-fixed"
+    given = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto", max_batch_tokens=300)
+    assert given.token_budget() == 300 and given.batch_info["budget_method"] == "given"

@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -117,16 +118,8 @@ def _config(arch: str, common: dict) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown arch {arch!r}")
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "ministral", "gemma2", "gemma3", "gemma3-composite",
-                 "phi3", "olmo2", "glm", "glm4")
-
-
-def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
-    """A 2-3-layer model of the given architecture, on CPU, SDPA attention, seeded weights.
-
-    A large init range makes the next-token distributions peaked, so greedy choices
-    are clear-cut and parity checks compare real decisions, not float ties.
-    """
+def make_config(arch: str, vocab_size: int, max_positions: int = 512, initializer_range: float = 0.2) -> transformers.PretrainedConfig:
+    """The tiny config of `arch` (hidden 64, 2-3 layers, 4 heads over 2 key-value heads)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -134,12 +127,27 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
-        initializer_range=0.2,
+        initializer_range=initializer_range,
         bos_token_id=2,
         eos_token_id=1,
         pad_token_id=0,
     )
-    config = _config(arch, common)
+    return _config(arch, common)
+
+
+ARCHITECTURES = ("llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "ministral", "gemma2", "gemma3", "gemma3-composite",
+                 "phi3", "olmo2", "glm", "glm4")
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512, dtype: torch.dtype = torch.float32,
+               initializer_range: float = 0.2) -> transformers.PreTrainedModel:
+    """A 2-3-layer model of the given architecture, on CPU, SDPA attention, seeded weights.
+
+    A large init range makes the next-token distributions peaked, so greedy choices
+    are clear-cut and parity checks compare real decisions, not float ties (a small one
+    makes them flat, with near-ties, as the half-precision generation test wants).
+    """
+    config = make_config(arch, vocab_size, max_positions, initializer_range)
     # SDPA where the architecture has it (as transformers chooses by default); Gemma 2 (attention
     # logit softcapping) runs eager attention, which takes the engine's masks as additive ones.
     attention = "eager" if arch == "gemma2" else "sdpa"
@@ -148,6 +156,40 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     model.generation_config = transformers.GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     return model.to(dtype).eval()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on one torch thread: their matrices are too small to share between threads, and
+    on a busy 2-core machine the thread pool's handovers made these tests 5-20x slower. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hflm_generated_ids(hflm, requests: list, eos_token_ids: set[int]) -> list[list[int]]:
+    """lm-eval's hf model's new tokens for generate_until requests, as its batches produced them
+    (each cut after its first EOS: hf pads finished rows until the batch ends)."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    generate = hflm._model_generate
+
+    def recording(context, max_length, stop, **kwargs):
+        out = generate(context, max_length, stop, **kwargs)
+        mask = kwargs["attention_mask"]
+        for row, row_mask, tokens in zip(context.tolist(), mask.tolist(), out.tolist(), strict=True):
+            new = tokens[len(row):]
+            ends = [k for k, token in enumerate(new) if token in eos_token_ids]
+            by_prompt[tuple(t for t, m in zip(row, row_mask, strict=True) if m)] = new[: ends[0] + 1] if ends else new
+        return out
+
+    hflm._model_generate = recording
+    try:
+        hflm.generate_until(requests)
+    finally:
+        del hflm._model_generate
+    prompts = [hflm.tok_batch_encode([req.args[0]])[0][0].tolist() for req in requests]
+    return [by_prompt[tuple(prompt)] for prompt in prompts]
 
 
 def mmlu_docs(n: int = 6, seed: int = 0) -> list[dict]:

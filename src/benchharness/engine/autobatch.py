@@ -4,7 +4,8 @@
   which requests share a forward, and the float noise of each score, never depend on how busy
   the machine was. Memory is rarely the limit on a CPU; the fixed cost of each forward is, and
   at 1024 tokens it is a few percent for the models this harness runs on CPUs (measured with
-  `probe_cpu_budget`, which is kept for that measurement: 256-1024 gave the same speed).
+  `probe_cpu_budget`, which a run can still ask for with `max_batch_tokens=probe`: 256-1024 gave
+  the same speed).
 - CUDA: start high and halve on out-of-memory with a worst-case-shaped forward (deterministic
   for a given GPU, model and free memory); the scoring loop also halves again if a real batch
   runs out of memory.
@@ -95,7 +96,11 @@ def probe_cuda_budget(split: SplitModel, max_length: int) -> BudgetChoice:
     return BudgetChoice(token_budget=length, method="cuda-oom-backoff", probes=probes)
 
 
-def find_token_budget(split: SplitModel, max_length: int) -> BudgetChoice:
+def find_token_budget(split: SplitModel, max_length: int, probe: bool = False) -> BudgetChoice:
+    """CUDA: out-of-memory backoff. CPU: the fixed budget, or the timing probe when asked for
+    (`max_batch_tokens=probe`); then batches, and the float noise of each score, follow the load."""
     if split.device.type == "cuda":
         return probe_cuda_budget(split, max_length)
+    if probe:
+        return probe_cpu_budget(split)
     return BudgetChoice(token_budget=CPU_TOKEN_BUDGET, method="cpu-fixed")

@@ -51,23 +51,11 @@ class SplitModel:
 
     @property
     def layer_kinds(self) -> frozenset[str]:
-        """Attention kinds of the decoder's layers, as its own masks apply them: per-layer
-        `layer_types` where the config has them (Gemma 2/3, Qwen2/3, Ministral), else every layer
-        sliding where the config sets a window (Mistral, Phi-3), else full attention."""
-        config = self.text_config
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types:
-            return frozenset(layer_types)
-        if getattr(config, "sliding_window", None) is not None:
-            return frozenset({"sliding_attention"})
-        return frozenset({"full_attention"})
+        return layer_kinds(self.text_config)
 
     @property
     def sliding_window(self) -> int | None:
-        """The window of the sliding layers, if any layer slides."""
-        if "sliding_attention" not in self.layer_kinds:
-            return None
-        return int(self.text_config.sliding_window)
+        return sliding_window(self.text_config)
 
     @property
     def per_layer_masks(self) -> bool:
@@ -102,6 +90,26 @@ class SplitModel:
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-softmax over the vocabulary, computed in fp32 whatever the model's dtype."""
         return torch.log_softmax(self.logits(hidden).float(), dim=-1)
+
+
+def layer_kinds(text_config: Any) -> frozenset[str]:
+    """Attention kinds of a decoder's layers, as its own masks apply them: per-layer `layer_types`
+    where the config has them (Gemma 2/3, Qwen2/3, Ministral), else every layer sliding where the
+    config sets a window (Mistral, Phi-3), else full attention. `text_config`: the decoder's config
+    (`config.get_text_config()`; a composite config's top level has neither field)."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return frozenset(layer_types)
+    if getattr(text_config, "sliding_window", None) is not None:
+        return frozenset({"sliding_attention"})
+    return frozenset({"full_attention"})
+
+
+def sliding_window(text_config: Any) -> int | None:
+    """The window of the decoder's sliding layers, if any layer slides."""
+    if "sliding_attention" not in layer_kinds(text_config):
+        return None
+    return int(text_config.sliding_window)
 
 
 def split_model(model: torch.nn.Module, check: bool = True, cpu_kernels: bool = True) -> SplitModel:

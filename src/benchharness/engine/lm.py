@@ -43,7 +43,7 @@ from benchharness.engine.batching import (
     prefix_groups,
     strip_prefix,
 )
-from benchharness.engine.decode_settings import decode_settings, merged_generation_config
+from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
 from benchharness.engine.generation import DecodeSettings, generate_batch
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
@@ -87,7 +87,7 @@ class BenchEngineLM(TemplateLM):
         model: transformers.PreTrainedModel,
         tokenizer: transformers.PreTrainedTokenizerBase,
         batch_size: int | str = "auto",
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | str | None = None,
         device: str = "cpu",
         max_batch_size: int | None = None,
         max_length: int | None = None,
@@ -139,7 +139,10 @@ class BenchEngineLM(TemplateLM):
             self._max_rows = int(batch_size)
             if self._max_rows < 1:
                 raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
-        self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens else None
+        # The token budget: given, or (`batch_size: auto`) fixed on CPU so that batches never depend
+        # on the machine's load; "probe" asks for the CPU timing probe instead (autobatch.py).
+        self._probe_budget = str(max_batch_tokens).lower() == "probe"
+        self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens and not self._probe_budget else None
         self._max_row_tokens = int(max_row_tokens) if max_row_tokens else None
         self._share_prefixes = _as_bool("share_prefixes", share_prefixes)
         self._budget: BudgetChoice | None = None
@@ -225,7 +228,8 @@ class BenchEngineLM(TemplateLM):
             "batch_size": "auto" if self._auto else self._max_rows,
             "max_rows": self._max_rows,
             "token_budget": self._budget.token_budget if self._budget else None,
-            "budget_method": self._budget.method if self._budget else ("none" if not self._auto else "not-yet-probed"),
+            # given | cpu-fixed | cpu-overhead-fit (the timing probe, on request) | cuda-oom-backoff
+            "budget_method": self._budget.method if self._budget else ("none" if not (self._auto or self._probe_budget) else "not-yet-probed"),
             "budget_probes": list(self._budget.probes) if self._budget else [],
             "oom_splits": self._oom_splits,
             "device": str(self._device),
@@ -282,9 +286,10 @@ class BenchEngineLM(TemplateLM):
     # ------------------------------------------------------------ batch budget
     def token_budget(self) -> int | None:
         """Tokens per forward (None: no budget, rows are capped by the batch size). With
-        `batch_size: auto` it is probed on first use (on CPU, a fraction of a second)."""
-        if self._budget is None and self._auto:
-            self._budget = find_token_budget(self._split, self.max_length)
+        `batch_size: auto` it is chosen on first use: fixed on CPU, found by out-of-memory backoff
+        on CUDA; with `max_batch_tokens=probe`, by the CPU timing probe."""
+        if self._budget is None and (self._auto or self._probe_budget):
+            self._budget = find_token_budget(self._split, self.max_length, probe=self._probe_budget)
             logger.info("benchharness engine: token budget %d (%s)", self._budget.token_budget, self._budget.method)
             self.batch_sizes[0] = self._budget.token_budget
         return self._budget.token_budget if self._budget else None
@@ -435,7 +440,13 @@ class BenchEngineLM(TemplateLM):
         eos_text = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen_toks = int(kwargs.pop("max_gen_toks"))
-        kwargs.pop("max_length", None)
+        if "max_length" in kwargs:
+            # HFLM hands it to generate as the total length, counted from its padded batch width:
+            # outputs would depend on which prompts share a batch.
+            raise GenerationSettingError(
+                f"the task's generation kwargs set max_length={kwargs['max_length']!r}, which lm-eval's hf model "
+                "uses as prompt + output length of its padded batch. Fix: set max_gen_toks instead, or run with `engine: hf`."
+            )
         seed = int(kwargs.pop("seed", self.seed))
         # As HFLM._model_generate: greedy drops the temperature.
         if kwargs.get("do_sample") is False and float(kwargs.get("temperature", 0.0) or 0.0) == 0.0:
@@ -484,7 +495,24 @@ class BenchEngineLM(TemplateLM):
         return rows
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        outputs: list[str | None] = [None] * len(requests)
+        outputs = self.generate_token_ids(requests, disable_tqdm=disable_tqdm)
+        texts = []
+        stops: dict[str, list[str]] = {}  # per distinct generation kwargs
+        for req, new_tokens in zip(requests, outputs, strict=True):
+            key = json.dumps(req.args[1], sort_keys=True, default=str)
+            if key not in stops:
+                stops[key] = self._decode_settings(req.args[1])[1]
+            until = stops[key]
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
+            texts.append(text)
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return texts
+
+    def generate_token_ids(self, requests: list[Instance], disable_tqdm: bool = True) -> list[list[int]]:
+        """The new tokens of each generate_until request (a final EOS included), before decoding:
+        what the parity rule for half-precision generation compares (engine/parity.py)."""
+        outputs: list[list[int] | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for index, req in enumerate(requests):
             key = json.dumps(req.args[1], sort_keys=True, default=str)
@@ -492,7 +520,7 @@ class BenchEngineLM(TemplateLM):
 
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="benchharness generate_until")
         for indices in groups.values():
-            settings, until, max_gen_toks = self._decode_settings(requests[indices[0]].args[1])
+            settings, _, max_gen_toks = self._decode_settings(requests[indices[0]].args[1])
             max_ctx_len = self.max_length - max_gen_toks
             if max_ctx_len <= 0:
                 raise ValueError(
@@ -525,14 +553,11 @@ class BenchEngineLM(TemplateLM):
                     self.stats.decode_steps += counts.decode_steps
                     self.stats.generated_tokens += counts.generated_tokens
                     for i, new_tokens in zip(chunk, tokens, strict=True):
-                        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-                        text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
-                        outputs[i] = text
-                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        outputs[i] = new_tokens
                         pbar.update(1)
         pbar.close()
         self.stats.generate_requests += len(requests)
-        return [o if o is not None else "" for o in outputs]
+        return [o if o is not None else [] for o in outputs]
 
 
 def _as_bool(name: str, value: bool | str) -> bool:
