@@ -234,7 +234,7 @@ class BenchEngineLM(TemplateLM):
             "oom_splits": self._oom_splits,
             "device": str(self._device),
             "dtype": str(self._split.dtype).replace("torch.", ""),
-            "attn_implementation": getattr(self._model.config, "_attn_implementation", None),
+            "attn_implementation": getattr(self._split.text_config, "_attn_implementation", None),
             "cpu_kernels": self._split.kernels.description,
             "path_check": self.path_check,
         }

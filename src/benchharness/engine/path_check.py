@@ -92,14 +92,23 @@ def check_engine_path(split: SplitModel, max_length: int, pad_token_id: int, rem
     shared = prefix_length(split, max_length, remote_code)
     vocab = int(split.output_layer.weight.shape[0])
     requests = probe_requests(vocab, shared)
+    what = (f"the engine's path (tree-packed rows after a shared prefix of {shared} tokens"
+            f"{'' if split.sliding_window is None else f', window {split.sliding_window}'})")
     reference = reference_scores(split, requests)
-    after_prefix, in_one_lane = engine_scores(split, requests, shared, pad_token_id)
+    try:
+        after_prefix, in_one_lane = engine_scores(split, requests, shared, pad_token_id)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:  # e.g. a cache or mask of other shapes
+        raise UnsupportedModelError(
+            f"{type(split.model).__name__}: {what} fails on this model's code ({type(error).__name__}: {error}). "
+            "Use `engine: hf` for this model."
+        ) from error
     tolerance = _TOLERANCE.get(split.dtype, 0.25)
     worst = max(abs(a - b) for scores in (after_prefix, in_one_lane) for a, b in zip(scores, reference, strict=True))
     if not worst <= tolerance:
         raise UnsupportedModelError(
-            f"{type(split.model).__name__}: the engine's path (tree-packed rows after a shared prefix of {shared} "
-            f"tokens{'' if split.sliding_window is None else f', window {split.sliding_window}'}) differs from the "
+            f"{type(split.model).__name__}: {what} differs from the "
             f"model's own forward by {worst:.3g} in loglikelihood (tolerance {tolerance:g} for {split.dtype}): its "
             "code does not take the engine's masks, positions or cache as transformers' models do. "
             "Use `engine: hf` for this model."

@@ -92,7 +92,8 @@ def build_attention_masks(
         # One mask for every layer: the full one, or the windowed one where all layers slide.
         masks = {"full_attention": masks["sliding_attention" if "sliding_attention" in kinds else "full_attention"]}
 
-    implementation = getattr(split.config, "_attn_implementation", "sdpa")
+    # The decoder's own setting (a composite model may set one per part).
+    implementation = getattr(split.text_config, "_attn_implementation", "sdpa")
     converted: dict[str, torch.Tensor] = {}
     for name, mask in masks.items():
         tensor = torch.from_numpy(mask).to(split.device)[:, None, :, :]
