@@ -12,6 +12,7 @@ import pytest
 
 from benchharness.certificate import sample_documents
 from benchharness.cli import PARITY_FAILED, main
+from benchharness.verify import verify_run
 from conftest import tiny_catalog, write_experiment
 
 BODY = """
@@ -52,16 +53,22 @@ def _rolling_task(tmp_path: Path) -> Path:
     return tasks
 
 
-def _run(tmp_path: Path, tiny_model_dir: Path, engine: str = "benchharness", requests: int = 16) -> tuple[int, Path]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One harness cache for this module's runs: the suite data is prepared once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(tmp_path: Path, tiny_model_dir: Path, cache: Path, engine: str = "benchharness", requests: int = 16) -> tuple[int, Path]:
     body = BODY.format(engine=engine, requests=requests, tasks=_rolling_task(tmp_path))
     config = write_experiment(tmp_path / "cfg", body, tiny_catalog(tiny_model_dir))
-    code = main(["--cache", str(tmp_path / "cache"), "run", str(config)])
+    code = main(["--cache", str(cache), "run", str(config)])
     (run,) = list((config.parent / "runs").iterdir())
     return code, run
 
 
-def test_every_run_carries_a_parity_certificate(tmp_path: Path, tiny_model_dir: Path) -> None:
-    code, run = _run(tmp_path, tiny_model_dir)
+def test_every_run_carries_a_parity_certificate(tmp_path: Path, tiny_model_dir: Path, cache: Path) -> None:
+    code, run = _run(tmp_path, tiny_model_dir, cache)
     assert code == 0
     manifest = json.loads((run / "manifest.json").read_text())
     records = manifest["models"]["tiny-llama"]["parity"]
@@ -82,7 +89,7 @@ def test_every_run_carries_a_parity_certificate(tmp_path: Path, tiny_model_dir: 
 
 
 def test_a_difference_beyond_the_tolerance_fails_the_run_but_keeps_its_scores(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     from benchharness.engine.lm import BenchEngineLM
 
@@ -92,7 +99,7 @@ def test_a_difference_beyond_the_tolerance_fails_the_run_but_keeps_its_scores(
         return [(ll + 0.01, greedy) for ll, greedy in honest(self, requests, disable_tqdm=disable_tqdm, **kwargs)]
 
     monkeypatch.setattr(BenchEngineLM, "_loglikelihood_tokens", off_by_a_little)
-    code, run = _run(tmp_path, tiny_model_dir)
+    code, run = _run(tmp_path, tiny_model_dir, cache)
     assert code == PARITY_FAILED == 3
     assert "parity failed" in capsys.readouterr().err
     manifest = json.loads((run / "manifest.json").read_text())
@@ -101,16 +108,21 @@ def test_a_difference_beyond_the_tolerance_fails_the_run_but_keeps_its_scores(
     assert manifest["parity"]["max_abs_diff"] == pytest.approx(0.01, abs=1e-3)
     report = (run / "report.md").read_text()
     assert "PARITY FAILED on tiny-llama/bh_mmlu" in report
-    assert any("parity certificate failed" in line for line in __import__("benchharness.verify", fromlist=["x"]).verify_run(run))
+    assert any("parity certificate failed" in line for line in verify_run(run))
 
 
 @pytest.mark.parametrize("engine,requests,status", [("benchharness", 0, "off"), ("hf", 16, "reference engine")])
-def test_no_certificate_when_off_or_on_the_reference(tmp_path: Path, tiny_model_dir: Path, engine: str, requests: int, status: str) -> None:
-    code, run = _run(tmp_path, tiny_model_dir, engine=engine, requests=requests)
+def test_no_certificate_when_off_or_on_the_reference(tmp_path: Path, tiny_model_dir: Path, cache: Path, engine: str, requests: int, status: str) -> None:
+    code, run = _run(tmp_path, tiny_model_dir, cache, engine=engine, requests=requests)
     assert code == 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["parity"]["status"] == status
     assert "parity" not in manifest["models"]["tiny-llama"]
+    if engine == "hf":
+        # lm-eval's own model, its batch sized from memory on the CPU, per call, each choice recorded.
+        batch = manifest["models"]["tiny-llama"]["batch"]
+        assert batch["budget_method"] == "memory-bounded" and batch["choices"]
+        assert all(1 <= c["batch_size"] <= 64 and c["tokens"] > 0 for c in batch["choices"])
 
 
 def test_sampled_documents_do_not_depend_on_order_or_split() -> None:
@@ -119,3 +131,45 @@ def test_sampled_documents_do_not_depend_on_order_or_split() -> None:
     assert len(chosen) == 4  # whole documents: 4 x 4 requests
     assert [s["doc_id"] for s in sample_documents(samples[::-1], "bh_mmlu", 16, seed=1)] == chosen
     assert [s["doc_id"] for s in sample_documents(samples, "bh_mmlu", 16, seed=2)] != chosen
+
+
+def test_parity_failure_exits_3_through_the_process_launcher(
+    tmp_path: Path, tiny_model_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--processes N`: torch's launcher turns rank 0's exit status 3 into 1; the run's manifest tells."""
+    import datetime as dt
+
+    import benchharness.distributed as distributed
+    from benchharness.config import load_experiment
+
+    config = write_experiment(tmp_path / "cfg", BODY.format(engine="benchharness", requests=16, tasks=_rolling_task(tmp_path)), tiny_catalog(tiny_model_dir))
+    outcome = {}
+
+    def launched_run(argv: list[str], processes: int) -> int:  # what rank 0 leaves behind, then the launcher's status
+        experiment = load_experiment(config)
+        run = experiment.output_dir / f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{experiment.config_hash()}"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "manifest.json").write_text(json.dumps({"status": "complete", "parity": {"status": outcome["parity"]}}))
+        return 1
+
+    monkeypatch.setattr(distributed, "launch", launched_run)
+    outcome["parity"] = "failed"
+    assert main(["--cache", str(cache), "run", str(config), "--processes", "2"]) == PARITY_FAILED
+    outcome["parity"] = "passed"  # another failure of the processes keeps the launcher's status
+    assert main(["--cache", str(cache), "run", str(config), "--processes", "2"]) == 1
+
+
+def test_data_parallel_run_certifies_the_same_documents(tmp_path: Path, tiny_model_dir: Path, cache: Path) -> None:
+    """2 processes (parallel: data): rank 0 certifies the samples gathered from both ranks, the
+    documents a single process certifies (test_every_run_carries_a_parity_certificate)."""
+    body = BODY.format(engine="benchharness", requests=16, tasks=_rolling_task(tmp_path))
+    config = write_experiment(tmp_path / "cfg", body, tiny_catalog(tiny_model_dir))
+    assert main(["--cache", str(cache), "run", str(config), "--processes", "2"]) == 0
+    (run,) = list((config.parent / "runs").iterdir())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["distributed"]["world_size"] == 2
+    records = manifest["models"]["tiny-llama"]["parity"]
+    assert (records["bh_mmlu"]["documents"], records["bh_mmlu"]["requests"], records["bh_mmlu"]["argmax_agree"]) == (4, 16, 4)
+    assert records["bh_gsm8k_cot_zeroshot"]["identical"] == records["bh_gsm8k_cot_zeroshot"]["compared"] == 2
+    assert records["my_rolling"]["compared"] == 3
+    assert manifest["parity"]["status"] == "passed" and manifest["parity"]["requests"] == 21

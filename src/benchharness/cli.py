@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -146,7 +147,11 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
             if resume is not None and args.resume == "latest":
                 # Every process must finish the same run folder.
                 argv = [a for a in argv if a != "--resume"] + ["--resume", str(resume)]
-            return launch(argv, args.processes)
+            launched = dt.datetime.now(dt.timezone.utc)
+            code = launch(argv, args.processes)
+            # The launcher turns rank 0's exit status 3 into its own 1; the run's manifest says which it was.
+            folder = resume or _run_started_since(experiment.output_dir, experiment.config_hash(), launched)
+            return PARITY_FAILED if code != 0 and folder is not None and _parity_failed(folder) else code
 
     dist = init_from_env(experiment.inference.device)
     try:
@@ -155,13 +160,28 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
         shutdown(dist)
     if dist is None or dist.is_main:
         print(folder)
-        parity = json.loads((folder / "manifest.json").read_text()).get("parity") or {}
-        if parity.get("status") == "failed":
+        if _parity_failed(folder):
+            parity = json.loads((folder / "manifest.json").read_text())["parity"]
             print(f"benchharness: parity failed: the engine's results differ from lm-eval's hf model beyond the tolerance "
                   f"on {', '.join(parity.get('failed', []))} (scores kept; see manifest.json 'parity' and report.md). "
                   "Fix: rerun those models with `--engine hf`, and report the difference.", file=sys.stderr)
             return PARITY_FAILED
     return 0
+
+
+def _parity_failed(folder: Path) -> bool:
+    """The run in `folder` finished and its parity certificate failed."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("status") == "complete" and (manifest.get("parity") or {}).get("status") == "failed"
+
+
+def _run_started_since(output_dir: Path, config_hash: str, since: dt.datetime) -> Path | None:
+    """The run folder of this config that launched processes created (run_id = UTC start time + hash)."""
+    names = sorted(p.name for p in output_dir.glob(f"*-{config_hash}") if p.name >= f"{since:%Y%m%d-%H%M%S}")
+    return output_dir / names[-1] if names else None
 
 
 def cmd_speed(args: argparse.Namespace, cache_dir: Path) -> int:

@@ -93,8 +93,13 @@ def plan_suites(experiment: Experiment, cache_dir: Path) -> tuple[list[PlannedSu
             stock.append(spec)
             planned.append(PlannedSuite(spec, spec.name, None, None))
     tasks_dir = render_tasks(experiment.tasks_dir, data_root, cache_dir / "tasks")
-    # Indexing lm-eval's task folders takes seconds: do it once per run.
-    manager = TaskManager(include_path=[str(tasks_dir), *map(str, experiment.include_paths)])
+    # Indexing lm-eval's task folders takes seconds: do it once per run, and index lm-eval's own
+    # ~27,000 task YAMLs (tens of seconds) only when a suite is in none of the harness's or the
+    # experiment's folders.
+    paths = [str(tasks_dir), *map(str, experiment.include_paths)]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if any(spec.name not in manager.all_tasks for spec in stock):
+        manager = TaskManager(include_path=paths)
     for spec in stock:
         if spec.name not in manager.all_tasks:
             raise HarnessError(
