@@ -173,3 +173,24 @@ def test_data_parallel_run_certifies_the_same_documents(tmp_path: Path, tiny_mod
     assert records["bh_gsm8k_cot_zeroshot"]["identical"] == records["bh_gsm8k_cot_zeroshot"]["compared"] == 2
     assert records["my_rolling"]["compared"] == 3
     assert manifest["parity"]["status"] == "passed" and manifest["parity"]["requests"] == 21
+
+
+def test_sampled_generations_are_skipped_and_counted(tiny_model_dir: Path) -> None:
+    """Only greedy generations can be compared string for string; sampled ones are counted, not compared."""
+    from lm_eval.api.instance import Instance
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchharness.certificate import certify_task
+    from benchharness.reference import ReferenceLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = ReferenceLM(model, tokenizer, "auto", "cpu")
+    greedy = ("Answer: A B", {"until": ["\n"], "do_sample": False, "max_gen_toks": 6})
+    sampled = ("Answer: C D", {"until": ["\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 6})
+    (expected,) = reference.generate_until([Instance("generate_until", {}, greedy, 0)], disable_tqdm=True)
+    samples = [{"doc_id": 0, "arguments": [greedy], "resps": [[expected]]}, {"doc_id": 1, "arguments": [sampled], "resps": [["anything"]]}]
+    record = certify_task(reference, "gen", "generate_until", samples, requests=16, seed=0, dtype="float32")
+    assert (record["compared"], record["identical"], record["sampled_skipped"], record["passed"]) == (1, 1, 1, True)
+    samples[0]["resps"] = [[expected + " and more"]]  # an engine that generated something else fails
+    record = certify_task(reference, "gen", "generate_until", samples, requests=16, seed=0, dtype="float32")
+    assert (record["identical"], record["passed"], record["differing"]) == (0, False, [0])

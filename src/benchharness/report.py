@@ -784,10 +784,22 @@ def table_parity(data: ReportData) -> pd.DataFrame | None:
                 "max |Δ loglik|": f"{max(diffs):.1e}" if diffs else "",
                 "same answer": f"{sum(int(r.get('argmax_agree') or 0) for r in records)}/{docs}" if docs else "",
                 "greedy outputs identical": (f"{sum(int(r.get('identical') or 0) for r in generated)}/"
-                                             f"{sum(int(r.get('compared') or 0) for r in generated)}") if generated else "",
+                                             f"{sum(int(r.get('compared') or 0) for r in generated)}"
+                                             + _skipped(sum(int(r.get("sampled_skipped") or 0) for r in generated))) if generated else "",
                 "seconds": _fmt_num(seconds), "share of run": f"{100 * seconds / wall:.1f}%" if wall else "",
             })
     return pd.DataFrame(rows) if rows else None
+
+
+def _skipped(sampled: int) -> str:
+    return f" ({sampled} sampled, not compared)" if sampled else ""
+
+
+def _tolerance_words(tolerance: dict[str, Any]) -> str:
+    """{"dtype": "bfloat16", "max_abs_loglik": 0.05, "relative": 0.012} -> "bfloat16: 0.05 + 1.2% of |loglik|"."""
+    text = f"{tolerance.get('dtype')}: {float(tolerance.get('max_abs_loglik') or 0):g}"
+    relative = float(tolerance.get("relative") or 0)
+    return text + (f" + {100 * relative:g}% of |loglik|" if relative else "")
 
 
 def _run_seconds(run: Run) -> float | None:
@@ -956,7 +968,7 @@ def _sections(data: ReportData) -> list[Section]:
                                 [("", probe)]))
     parity = table_parity(data)
     if parity is not None:
-        tolerances = sorted({json.dumps((r.manifest.get("parity") or {}).get("tolerance"), sort_keys=True) for r in data.runs
+        tolerances = sorted({_tolerance_words((r.manifest.get("parity") or {}).get("tolerance")) for r in data.runs
                              if (r.manifest.get("parity") or {}).get("tolerance")})
         sections.append(Section(
             "Parity certificate",
