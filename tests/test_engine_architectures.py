@@ -14,35 +14,77 @@ import transformers
 import yaml
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import ARCHITECTURES, WINDOW, make_model, make_tokenizer, mmlu_docs
+from test_engine_support import (  # noqa: F401  (one_torch_thread: a fixture)
+    ARCHITECTURES,
+    WINDOW,
+    hflm_generated_ids,
+    make_config,
+    make_model,
+    make_tokenizer,
+    mmlu_docs,
+    one_torch_thread,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from benchharness.engine import BenchEngineLM
-from benchharness.engine.head import UnsupportedModelError
-from benchharness.engine.parity import TOLERANCE
+from benchharness.engine.head import UnsupportedModelError, sliding_window
+from benchharness.engine.parity import GENERATION_TIE, TOLERANCE, choice_gap, generations_agree
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Catalog family -> the test architectures that stand for it (transformers config classes).
-FAMILY_ARCHITECTURES = {
-    "Qwen2.5-Coder": ["qwen2"], "Qwen2.5": ["qwen2", "qwen2-sliding"], "Qwen3": ["qwen3"],
-    "DeepSeek-R1-Distill": ["qwen2", "qwen2-sliding"], "GLM-4": ["glm", "glm4"], "Yi-1.5": ["llama"],
-    "Llama 3.2": ["llama"], "Llama 3.1": ["llama"], "Gemma 2": ["gemma2"], "Gemma 3": ["gemma3", "gemma3-composite"],
-    "Phi-3": ["phi3"], "Phi-3.5": ["phi3"], "Phi-4": ["phi3"], "OLMo 2": ["olmo2"], "Mistral": ["mistral"],
-    "Mistral Small": ["mistral"], "Ministral": ["ministral", "mistral"], "EuroLLM": ["llama"],
-    "Salamandra": ["llama"], "SmolLM2": ["llama"],
+# Every catalog entry -> the transformers class its checkpoint loads as (AutoModelForCausalLM; the
+# GGUF packs as converted). A catalog entry missing here, or a class no test model has, fails
+# test_every_catalog_entry_is_covered: a new entry needs its architecture tested first.
+_LLAMA, _QWEN2, _MISTRAL, _PHI3 = "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"
+CATALOG_CLASSES = {
+    "qwen2.5-coder-0.5b-instruct-q4km": _QWEN2, "gemma-3-270m-q4km": "Gemma3ForCausalLM", "smollm2-135m-instruct-q41": _LLAMA,
+    "qwen2.5-0.5b-instruct": _QWEN2, "qwen2.5-1.5b-instruct": _QWEN2, "qwen2.5-3b-instruct": _QWEN2,
+    "qwen2.5-7b-instruct": _QWEN2, "qwen2.5-14b-instruct": _QWEN2,
+    "qwen3-0.6b": "Qwen3ForCausalLM", "qwen3-1.7b": "Qwen3ForCausalLM", "qwen3-4b": "Qwen3ForCausalLM",
+    "qwen3-8b": "Qwen3ForCausalLM", "qwen3-14b": "Qwen3ForCausalLM",
+    "deepseek-r1-distill-qwen-1.5b": _QWEN2, "deepseek-r1-distill-qwen-7b": _QWEN2, "deepseek-r1-distill-qwen-14b": _QWEN2,
+    "glm-4-9b-chat": "GlmForCausalLM",  # THUDM/glm-4-9b-chat-hf
+    "glm-4-9b-0414": "Glm4ForCausalLM",
+    "yi-1.5-6b-chat": _LLAMA, "yi-1.5-9b-chat": _LLAMA,
+    "llama-3.2-1b-instruct": _LLAMA, "llama-3.2-3b-instruct": _LLAMA, "llama-3.1-8b-instruct": _LLAMA,
+    "gemma-2-2b-it": "Gemma2ForCausalLM", "gemma-2-9b-it": "Gemma2ForCausalLM",
+    "gemma-3-270m": "Gemma3ForCausalLM", "gemma-3-1b-it": "Gemma3ForCausalLM",
+    "gemma-3-4b-it": "Gemma3ForConditionalGeneration",  # composite Gemma3Config: decoder in text_config
+    "phi-3-mini-4k-instruct": _PHI3, "phi-3.5-mini-instruct": _PHI3, "phi-4-mini-instruct": _PHI3, "phi-4": _PHI3,
+    "olmo-2-1b-instruct": "Olmo2ForCausalLM", "olmo-2-7b-instruct": "Olmo2ForCausalLM",
+    "mistral-7b-instruct-v0.3": _MISTRAL, "mistral-small-24b-instruct-2501": _MISTRAL,
+    "ministral-8b-instruct-2410": _MISTRAL,  # as the hub ships it; transformers' own Ministral class is tested too
+    "eurollm-1.7b-instruct": _LLAMA, "eurollm-9b-instruct": _LLAMA,
+    "salamandra-2b-instruct": _LLAMA, "salamandra-7b-instruct": _LLAMA,
+    "smollm2-135m-instruct": _LLAMA, "smollm2-360m-instruct": _LLAMA, "smollm2-1.7b-instruct": _LLAMA,
 }
-# Families whose code comes from the hub (trust_remote_code): covered by the construction check.
-REMOTE_CODE_FAMILIES = {"InternLM3", "InternLM2.5", "MiniCPM4", "Teuken"}
+# Classes whose checkpoints in the catalog slide a window (or can: use_sliding_window): their test
+# model must have one, shorter than the test prompts.
+WINDOWED_CLASSES = {_QWEN2, "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration",
+                    _PHI3, _MISTRAL}
+# Entries whose code comes from the hub (trust_remote_code: InternLM2/3, MiniCPM4, Teuken): their
+# code cannot be fetched here; the construction check (engine/path_check.py) runs the engine's own
+# path against their forward at load time and refuses them when the two differ.
+REMOTE_CODE_ENTRIES = {"internlm3-8b-instruct", "internlm2.5-7b-chat", "minicpm4-0.5b", "minicpm4-8b", "teuken-7b-instruct"}
 BOS_FIRST = {"gemma2", "gemma3", "gemma3-composite"}  # tokenizers that add BOS, as Gemma's do
 
 
-def test_every_catalog_family_is_covered() -> None:
+def _class_name(arch: str) -> str:
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(make_config(arch, 64))].__name__
+
+
+def test_every_catalog_entry_is_covered() -> None:
     catalog = yaml.safe_load((REPO / "configs" / "models.yaml").read_text())["models"]
-    native = {m["family"] for m in catalog if not m.get("trust_remote_code")}
-    remote = {m["family"] for m in catalog if m.get("trust_remote_code")}
-    assert native - set(FAMILY_ARCHITECTURES) == set(), "a catalog family with no architecture test: add it here"
-    assert remote == REMOTE_CODE_FAMILIES
-    assert {a for archs in FAMILY_ARCHITECTURES.values() for a in archs} == set(ARCHITECTURES)
+    native = {m["name"] for m in catalog if not m.get("trust_remote_code")}
+    assert native ^ set(CATALOG_CLASSES) == set(), "catalog entries and CATALOG_CLASSES differ: map each entry to its class"
+    assert {m["name"] for m in catalog if m.get("trust_remote_code")} == REMOTE_CODE_ENTRIES
+    tested = {_class_name(arch) for arch in ARCHITECTURES}
+    assert set(CATALOG_CLASSES.values()) - tested == set(), "a catalog class with no test model in ARCHITECTURES"
+    assert tested - set(CATALOG_CLASSES.values()) == {"MinistralForCausalLM"}  # no test without a catalog reason
+    windowed = {_class_name(arch) for arch in ARCHITECTURES if sliding_window(make_config(arch, 64).get_text_config())}
+    assert WINDOWED_CLASSES - windowed == set(), "a windowed catalog class whose test model has no window"
 
 
 def _shots() -> str:
@@ -106,38 +148,59 @@ def test_composite_gemma3_reads_its_decoder_config() -> None:
     assert engine._split.layer_kinds == {"sliding_attention", "full_attention"}
 
 
-class _DecoderIgnoringMasks(transformers.LlamaModel):
-    """A decoder as remote code may be: it drops explicit positions and custom 4D masks."""
+class _CarelessDecoder(transformers.LlamaModel):
+    """A decoder as remote code may be: it drops what `drops` names (custom 4D masks, explicit
+    positions, the cache it is given)."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 4:
+    drops: frozenset[str] = frozenset()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if "masks" in self.drops and attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = None
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=None, **kwargs)
+        if "positions" in self.drops:
+            position_ids = None
+        if "cache" in self.drops and past_key_values is not None:
+            past_key_values = transformers.DynamicCache()
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, **kwargs)
 
 
-class _IgnoresPositions(transformers.LlamaForCausalLM):
-    def __init__(self, config: transformers.LlamaConfig) -> None:
-        super().__init__(config)
-        self.model = _DecoderIgnoringMasks(config)
+def _careless_model(drops: frozenset[str], base: transformers.LlamaForCausalLM) -> transformers.LlamaForCausalLM:
+    decoder = type("Decoder", (_CarelessDecoder,), {"drops": drops})
+
+    class CarelessLlama(transformers.LlamaForCausalLM):
+        def __init__(self, config: transformers.LlamaConfig) -> None:
+            super().__init__(config)
+            self.model = decoder(config)
+
+    model = CarelessLlama(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("drops", [{"masks"}, {"positions"}, {"cache"}, {"masks", "positions"}])
+def test_a_model_that_ignores_the_engines_inputs_is_refused(drops: set[str]) -> None:
+    tokenizer = make_tokenizer()
+    model = _careless_model(frozenset(drops), make_model("llama", len(tokenizer)))
+    assert not type(model).__module__.startswith("transformers.")  # treated as remote code: the long probe
+    # Its plain forward is still the model's: only the engine's path differs.
+    ids = torch.tensor([tokenizer("the cat sells eggs")["input_ids"]])
+    assert torch.allclose(model(input_ids=ids).logits, make_model("llama", len(tokenizer))(input_ids=ids).logits)
+    with pytest.raises(UnsupportedModelError, match="engine's path .*Use `engine: hf`"):
+        BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
 
 
 class _RemoteStyleMistral(transformers.MistralForCausalLM):
     """Remote code that does what transformers' models do: passes the construction check."""
 
 
-@pytest.mark.parametrize("cls", [_IgnoresPositions, _RemoteStyleMistral])
-def test_remote_code_is_checked_on_the_engines_path(cls: type) -> None:
-    assert not cls.__module__.startswith("transformers.")  # treated as remote code: the long probe
+def test_remote_code_that_takes_the_engines_inputs_passes_the_long_check() -> None:
     tokenizer = make_tokenizer()
-    base = make_model("llama" if cls is _IgnoresPositions else "mistral", len(tokenizer))
-    model = cls(base.config).eval()
+    base = make_model("mistral", len(tokenizer))
+    model = _RemoteStyleMistral(base.config).eval()
     model.load_state_dict(base.state_dict())
-    if cls is _IgnoresPositions:
-        with pytest.raises(UnsupportedModelError, match="engine: hf"):
-            BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
-    else:
-        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
-        assert engine.path_check["prefix_tokens"] > WINDOW and engine.path_check["max_abs_diff"] < 1e-4
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
+    assert engine.path_check["prefix_tokens"] > WINDOW and engine.path_check["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", torch.bfloat16), ("qwen2", torch.bfloat16), ("gemma3", torch.bfloat16), ("mistral", torch.float16)])
@@ -161,3 +224,32 @@ def test_half_precision_matches_hflm_within_the_stated_tolerance(arch: str, dtyp
         top, second = sorted(ref_scores, reverse=True)[:2]
         if top - second > 2 * tolerance.bound(top):
             assert max(range(4), key=ref_scores.__getitem__) == max(range(4), key=our_scores.__getitem__)
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.bfloat16), ("qwen2", torch.bfloat16), ("mistral", torch.bfloat16),
+                                        ("gemma3", torch.bfloat16), ("qwen2", torch.float16)])
+def test_half_precision_greedy_generation_follows_the_stated_rule(arch: str, dtype: torch.dtype) -> None:
+    """In bf16/fp16 the engine's and hf's batches round differently, so greedy outputs may part at a
+    near-tie (engine/parity.py GENERATION_TIE). A peaked model gives identical outputs; a flat one (small
+    init: near-ties) may part, but only at a near-tie; a choice far from a tie breaks the rule."""
+    tokenizer = make_tokenizer(add_bos=arch in BOS_FIRST)
+    name = str(dtype).removeprefix("torch.")
+    prompts = [_shots() + d["question"] + "\nAnswer:" for d in mmlu_docs(10, seed=9)]
+    requests = [Instance("generate_until", {}, (p, {"until": [], "do_sample": False, "max_gen_toks": 12}), i) for i, p in enumerate(prompts)]
+    for init in (0.2, 0.06):
+        model = make_model(arch, len(tokenizer), dtype=dtype, initializer_range=init)
+        theirs = hflm_generated_ids(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), requests, {tokenizer.eos_token_id})
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
+        ours = engine.generate_token_ids(requests)
+        assert all(len(o) > 0 for o in ours)
+        for request, a, b in zip(requests, ours, theirs, strict=True):
+            prompt = engine._encode_prompt(request.args[0], engine.max_length)
+            assert generations_agree(model, prompt, a, b, name), (init, choice_gap(model, prompt, a, b))
+        if init == 0.2:
+            assert ours == theirs
+    # Not vacuous: the least likely first token instead of hf's is no near-tie.
+    prompt = engine._encode_prompt(requests[0].args[0], engine.max_length)
+    with torch.inference_mode():
+        unlikely = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmin())
+    assert not generations_agree(model, prompt, [unlikely], theirs[0], name)
+    assert GENERATION_TIE["float32"] == 0.0  # fp32: identical outputs (test_engine_matches_hflm)

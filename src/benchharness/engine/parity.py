@@ -11,7 +11,9 @@ tiny models of five architectures (bf16: 0.6% relative, fp16: 0.08%; tests/test_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -31,3 +33,50 @@ TOLERANCE = {
     "bfloat16": Tolerance(0.05, 0.012),
     "float16": Tolerance(0.01, 0.002),
 }
+
+
+# Greedy generation. fp32: identical outputs. bf16 / fp16: identical up to the first token where the
+# two choose differently, and that choice must be a near-tie: in the model's own forward (batch of one,
+# its dtype) on the prompt and the tokens both generated before it, the two chosen tokens' logits
+# differ by at most GENERATION_TIE[dtype] times the larger of their magnitudes (and 1). After a
+# near-tie the two continue from different texts and are not compared further.
+# The bound is 8 x the dtype's machine epsilon, relative (8-16 units in the last place). On
+# SmolLM2-135M (CPU) the logits of a prompt in a left-padded batch of 4 differed from its batch-of-one
+# logits by up to 4 units (bf16: 0.25 at 12.6; fp16: 2 units), and either side's batches may be off
+# by that much; where the engine's and hf's greedy outputs parted (3 of 12 prompts in bf16, 1 of 12
+# in fp16), the two choices were 1-2 units apart (bf16) or an exact tie (fp16).
+GENERATION_TIE = {"float32": 0.0, "float64": 0.0, "bfloat16": 8 * 2.0**-7, "float16": 8 * 2.0**-10}
+
+
+def first_difference(ours: Sequence[int], theirs: Sequence[int]) -> int | None:
+    """Index of the first token where two outputs differ; None if one begins the other (or they are equal)."""
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return index
+    return None
+
+
+def choice_gap(model: Any, prompt_ids: Sequence[int], ours: Sequence[int], theirs: Sequence[int]) -> tuple[int, float, float] | None:
+    """At the first difference of two greedy outputs of `prompt_ids`: (its index, |logit difference| of
+    the two chosen tokens, the larger |logit| of the two), from the model's plain forward on the prompt
+    and the tokens both generated before it. None where the outputs do not differ."""
+    import torch
+
+    index = first_difference(ours, theirs)
+    if index is None:
+        return None
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(ours[:index])], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, -1].float()
+    a, b = float(logits[ours[index]]), float(logits[theirs[index]])
+    return index, abs(a - b), max(abs(a), abs(b))
+
+
+def generations_agree(model: Any, prompt_ids: Sequence[int], ours: Sequence[int], theirs: Sequence[int], dtype: str) -> bool:
+    """The rule above: equal token ids, or a first difference at a near-tie for `dtype`."""
+    gap = choice_gap(model, prompt_ids, ours, theirs)
+    if gap is None:
+        return True
+    _, difference, scale = gap
+    return difference <= GENERATION_TIE.get(dtype, 0.0) * max(scale, 1.0)
