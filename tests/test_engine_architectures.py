@@ -178,14 +178,15 @@ def _careless_model(drops: frozenset[str], base: transformers.LlamaForCausalLM) 
     return model
 
 
-@pytest.mark.parametrize("drops", [{"masks"}, {"positions"}, {"cache"}, {"masks", "positions"}])
-def test_a_model_that_ignores_the_engines_inputs_is_refused(drops: set[str]) -> None:
+@pytest.mark.parametrize("drops,dtype", [({"masks"}, torch.float32), ({"positions"}, torch.float32), ({"cache"}, torch.float32),
+                                         ({"masks", "positions"}, torch.float32), ({"masks"}, torch.bfloat16), ({"positions"}, torch.bfloat16)])
+def test_a_model_that_ignores_the_engines_inputs_is_refused(drops: set[str], dtype: torch.dtype) -> None:
     tokenizer = make_tokenizer()
-    model = _careless_model(frozenset(drops), make_model("llama", len(tokenizer)))
+    model = _careless_model(frozenset(drops), make_model("llama", len(tokenizer))).to(dtype)
     assert not type(model).__module__.startswith("transformers.")  # treated as remote code: the long probe
     # Its plain forward is still the model's: only the engine's path differs.
     ids = torch.tensor([tokenizer("the cat sells eggs")["input_ids"]])
-    assert torch.allclose(model(input_ids=ids).logits, make_model("llama", len(tokenizer))(input_ids=ids).logits)
+    assert torch.allclose(model(input_ids=ids).logits, make_model("llama", len(tokenizer), dtype=dtype)(input_ids=ids).logits)
     with pytest.raises(UnsupportedModelError, match="engine's path .*Use `engine: hf`"):
         BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
 

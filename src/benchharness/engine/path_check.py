@@ -16,6 +16,7 @@ import torch
 
 from benchharness.engine.batching import TokenRequest, concatenate_rows, pack_rows, strip_prefix
 from benchharness.engine.head import SplitModel, UnsupportedModelError
+from benchharness.engine.parity import TOLERANCE
 from benchharness.engine.scoring import HeadQueue, run_body, run_prefix
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,12 @@ logger = logging.getLogger(__name__)
 _PAST_WINDOW = 8
 _MIN_PREFIX = 24
 _MAX_PREFIX = 640  # past Gemma 3's window of 512
-# Largest |engine - plain forward| per request (a sum over 3 tokens) by dtype.
-_TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-6, torch.bfloat16: 0.25, torch.float16: 0.1}
+# Largest |engine - plain forward| per request (a sum over 3 tokens): this many times the parity
+# tolerance of the dtype (engine/parity.py), as both sides round. In bf16/fp16 that bound grows with
+# |loglikelihood|, as the noise does: the probe's random tokens score -35 to -62 on SmolLM2-135M and
+# Gemma-3-270m, and the engine's path differed from the plain forward by up to 0.57 in bf16 (short
+# probes as much as long ones: rounding, not the window), within 0.7 of the parity bound.
+_SLACK = 2.0
 
 
 def prefix_length(split: SplitModel, max_length: int, remote_code: bool) -> int:
@@ -104,14 +109,20 @@ def check_engine_path(split: SplitModel, max_length: int, pad_token_id: int, rem
             f"{type(split.model).__name__}: {what} fails on this model's code ({type(error).__name__}: {error}). "
             "Use `engine: hf` for this model."
         ) from error
-    tolerance = _TOLERANCE.get(split.dtype, 0.25)
-    worst = max(abs(a - b) for scores in (after_prefix, in_one_lane) for a, b in zip(scores, reference, strict=True))
-    if not worst <= tolerance:
+    dtype = str(split.dtype).removeprefix("torch.")
+    tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
+    # (|difference|, its bound) per request and way of scoring; the worst by share of its bound.
+    compared = [(abs(ours - ref), _SLACK * tolerance.bound(ref))
+                for scores in (after_prefix, in_one_lane) for ours, ref in zip(scores, reference, strict=True)]
+    difference, bound = max(compared, key=lambda pair: pair[0] / pair[1])
+    if not difference <= bound:
         raise UnsupportedModelError(
             f"{type(split.model).__name__}: {what} differs from the "
-            f"model's own forward by {worst:.3g} in loglikelihood (tolerance {tolerance:g} for {split.dtype}): its "
+            f"model's own forward by {difference:.3g} in loglikelihood (bound {bound:.3g} for {dtype}): its "
             "code does not take the engine's masks, positions or cache as transformers' models do. "
             "Use `engine: hf` for this model."
         )
+    worst = max(pair[0] for pair in compared)
     logger.debug("engine path check: max |diff| %.2e over %d requests, prefix %d", worst, len(requests), shared)
-    return {"prefix_tokens": shared, "requests": len(requests), "max_abs_diff": worst}
+    return {"prefix_tokens": shared, "requests": len(requests), "max_abs_diff": worst,
+            "max_share_of_bound": difference / bound}
