@@ -71,7 +71,8 @@ def test_applied_settings_give_hflms_outputs(field: str) -> None:
 @pytest.mark.parametrize("field,value", [
     ("min_length", 30), ("bad_words_ids", [[5]]), ("sequence_bias", {(5,): -10.0}), ("num_beams", 2),
     ("forced_eos_token_id", 1), ("exponential_decay_length_penalty", (2, 1.5)), ("encoder_repetition_penalty", 1.2),
-    ("guidance_scale", 1.5), ("stop_strings", ["cat"]), ("penalty_alpha", 0.6),
+    ("guidance_scale", 1.5), ("stop_strings", ["cat"]), ("penalty_alpha", 0.6), ("forced_bos_token_id", 5),
+    ("diversity_penalty", 0.5), ("max_time", 5.0),
 ])
 def test_settings_the_engine_does_not_apply_are_refused(field: str, value: object) -> None:
     tokenizer = make_tokenizer()
@@ -84,14 +85,30 @@ def test_settings_the_engine_does_not_apply_are_refused(field: str, value: objec
 def test_sampling_only_warpers_are_refused_when_sampling_and_ignored_when_greedy() -> None:
     tokenizer = make_tokenizer()
     model = make_model("llama", len(tokenizer), seed=1)
-    model.generation_config.typical_p = 0.5
-    model.generation_config.min_p = 0.1
+    warpers = {"typical_p": 0.5, "min_p": 0.1, "epsilon_cutoff": 3e-4, "eta_cutoff": 3e-4, "top_p": 0.5, "temperature": 0.3}
+    for name, value in warpers.items():
+        setattr(model.generation_config, name, value)
     requests = _requests(GREEDY, n=2)
     assert BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(requests) == HFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(requests)
     sampled = _requests({"until": [], "do_sample": True, "temperature": 2.0, "max_gen_toks": 4}, n=2)
-    with pytest.raises(GenerationSettingError, match="min_p=0.1, typical_p=0.5"):
+    with pytest.raises(GenerationSettingError, match="epsilon_cutoff=0.0003, eta_cutoff=0.0003, min_p=0.1, typical_p=0.5"):
         BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(sampled)
+
+
+def test_settings_without_effect_here_give_hflms_outputs() -> None:
+    """Fields generate reads that change nothing for lm-eval's decoder-only greedy requests: beam-only
+    settings, renormalization (greedy choices and sampling distributions stay), the config max_length
+    (lm-eval passes its own), NaN removal."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer), seed=1)
+    requests = _requests(GREEDY, n=3)
+    baseline = BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(requests)
+    for name, value in {"length_penalty": 2.0, "early_stopping": True, "renormalize_logits": True, "max_length": 7,
+                        "remove_invalid_values": True}.items():
+        setattr(model.generation_config, name, value)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
+    assert BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(requests) == reference == baseline
 
 
 def test_model_config_sampling_defaults_apply_when_the_task_samples() -> None:
