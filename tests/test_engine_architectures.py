@@ -254,3 +254,13 @@ def test_half_precision_greedy_generation_follows_the_stated_rule(arch: str, dty
         unlikely = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmin())
     assert not generations_agree(model, prompt, [unlikely], theirs[0], name)
     assert GENERATION_TIE["float32"] == 0.0  # fp32: identical outputs (test_engine_matches_hflm)
+
+
+def test_a_model_that_overflows_its_dtype_is_refused_as_such() -> None:
+    """Gemma in float16 overflows (NaN scores): refused with that reason, not as a masking fault."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer), dtype=torch.float16)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(6e4)  # the final hidden states, times 6e4: logits beyond float16
+    with pytest.raises(UnsupportedModelError, match="non-finite loglikelihoods in float16.*bfloat16 or float32"):
+        BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
