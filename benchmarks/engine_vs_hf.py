@@ -82,6 +82,7 @@ from benchharness.data import default_cache_dir, get_suite, prepare_suite  # noq
 from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.perf import matmul_kernels, matmul_params, measure_matmul_flops  # noqa: E402
+from benchharness.reference import row_bytes as reference_row_bytes  # noqa: E402
 
 TASKS = ("mmlu", "mc_text", "gsm8k")
 
@@ -365,11 +366,11 @@ def hf_batches(
 
 def hf_row_bytes(model: torch.nn.Module, longest: int, generation: bool) -> float:
     """Memory of one row of an hf batch whose longest sequence has `longest` tokens (fp32)."""
+    if not generation:  # logits at every position (three copies alive), as the harness's engine: hf sizes it
+        return float(reference_row_bytes(model, longest))
+    # Generation: the key-value cache, the prefill's widest activations, logits at the last position.
     config = model.config.get_text_config()
     vocab = int(config.vocab_size)
-    if not generation:  # logits and their log_softmax at every position, with a margin
-        return 4 * 2.5 * longest * vocab
-    # Generation: the key-value cache, the prefill's widest activations, logits at the last position.
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
