@@ -1,23 +1,15 @@
-"""Batched decoding with a KV cache: greedy or seeded sampling, left padding,
-per-sequence stop strings and token limits; finished sequences leave the batch.
-Prompts that begin alike (few-shot examples) can start from their shared prefix's cache.
-
-The body is called with the same inputs `transformers.generate` builds (2D padding
-mask, positions from the mask's cumulative sum, a DynamicCache), so greedy outputs
-match lm-eval's `hf` model; the output layer runs on the last position only.
+"""How the engine picks each generated token, as `transformers.generate` does: the decode
+settings, the logits processors it applies (in its order), seeded sampling per sequence.
+The decoding loop that uses them is `continuous.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
-from benchharness.engine.head import SplitModel
-from benchharness.engine.scoring import PrefixState
 
 
 @dataclass(frozen=True)
@@ -43,16 +35,7 @@ class DecodeSettings:
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
-@dataclass
-class DecodeCounts:
-    """What one batch cost."""
-
-    prefill_tokens: int  # rows x padded prompt length
-    decode_steps: int
-    generated_tokens: int
-
-
-def _sequence_generator(settings: DecodeSettings, prompt: Sequence[int], device: torch.device) -> torch.Generator:
+def sequence_generator(settings: DecodeSettings, prompt: Sequence[int], device: torch.device) -> torch.Generator:
     """A generator seeded by the run seed and the prompt, so sampling does not depend on batching."""
     digest = hashlib.sha256(repr((settings.seed, tuple(prompt))).encode()).digest()
     generator = torch.Generator(device=device)
@@ -88,7 +71,7 @@ def _ban_repeated_ngrams(logits: torch.Tensor, histories: list[list[int]], size:
 
 
 def process_logits(
-    logits: torch.Tensor, settings: DecodeSettings, histories: list[list[int]], generated: list[int], step: int
+    logits: torch.Tensor, settings: DecodeSettings, histories: list[list[int]], generated: list[int]
 ) -> torch.Tensor:
     """The logits processors transformers.generate runs before choosing (or sampling) a token,
     in its order: repetition penalty, no-repeat n-grams, minimum new tokens, suppressed tokens,
@@ -103,12 +86,14 @@ def process_logits(
             logits[torch.tensor(rows)[:, None], torch.tensor(sorted(settings.eos_token_ids))[None, :]] = float("-inf")
     if settings.suppress_tokens:
         logits[:, list(settings.suppress_tokens)] = float("-inf")
-    if settings.begin_suppress_tokens and step == 0:
-        logits[:, list(settings.begin_suppress_tokens)] = float("-inf")
+    if settings.begin_suppress_tokens:
+        first = [b for b, count in enumerate(generated) if count == 0]
+        if first:
+            logits[torch.tensor(first)[:, None], torch.tensor(list(settings.begin_suppress_tokens))[None, :]] = float("-inf")
     return logits
 
 
-def _sample(logits: torch.Tensor, settings: DecodeSettings, generators: list[torch.Generator]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, settings: DecodeSettings, generators: list[torch.Generator]) -> torch.Tensor:
     """Temperature, top-k and top-p filtering as transformers applies them, then one draw per row."""
     scores = logits.float() / max(settings.temperature, 1e-6)
     if settings.top_k is not None and 0 < settings.top_k < scores.shape[-1]:
@@ -124,113 +109,3 @@ def _sample(logits: torch.Tensor, settings: DecodeSettings, generators: list[tor
     probs = scores.softmax(dim=-1)
     draws = [torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(probs.shape[0])]
     return torch.cat(draws)
-
-
-@torch.inference_mode()
-def generate_batch(
-    split: SplitModel,
-    prompts: Sequence[Sequence[int]],
-    settings: DecodeSettings,
-    pad_token_id: int,
-    decode: Callable[[list[int]], str],
-    prefix: PrefixState | None = None,
-) -> tuple[list[list[int]], DecodeCounts]:
-    """Generate for a batch of tokenized prompts; return the new tokens per prompt (a final EOS included).
-
-    With `prefix` (the keys and values of the first `prefix.length` tokens, which every
-    prompt begins with), only what follows it is run: the batch's cache starts from the
-    prefix, then each row's left-padded rest (padding hidden by the attention mask).
-    A sequence stops at an EOS id, when its decoded text contains a stop string,
-    or after `max_new_tokens`; it then leaves the batch (its cache rows are dropped).
-    """
-    device = split.device
-    batch = len(prompts)
-    shared = prefix.length if prefix is not None else 0
-    rests = [list(p)[shared:] for p in prompts]
-    if any(not rest for rest in rests):
-        raise ValueError("a shared prefix must leave at least one token of every prompt")
-    width = max(len(rest) for rest in rests)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for b, rest in enumerate(rests):
-        input_ids[b, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-        attention_mask[b, width - len(rest) :] = 1
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device)
-    # As transformers.generate: positions count real tokens; padding gets position 0... then 1 (masked anyway).
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + shared
-    if prefix is not None:
-        cache = prefix.cache_for(batch)
-        attention_mask = torch.cat([attention_mask.new_ones((batch, shared)), attention_mask], dim=1)
-    else:
-        cache = DynamicCache(config=split.config)
-
-    generators = [_sequence_generator(settings, p, device) for p in prompts] if settings.do_sample else []
-    histories = [list(p) for p in prompts] if settings.needs_histories else []
-    outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(batch))  # original indices of the rows still in the batch
-    steps = 0
-
-    hidden = split.forward_body(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state[:, -1]
-    last_position = position_ids[:, -1]
-
-    while True:
-        logits = process_logits(
-            split.logits(hidden).float(), settings, [histories[i] for i in active] if histories else [],
-            [len(outputs[i]) for i in active], steps,
-        )
-        if settings.do_sample:
-            next_tokens = _sample(logits, settings, [generators[i] for i in active])
-        else:
-            next_tokens = logits.argmax(dim=-1)
-        steps += 1
-
-        keep: list[int] = []
-        for row, token in enumerate(next_tokens.tolist()):
-            original = active[row]
-            outputs[original].append(token)
-            if token in settings.eos_token_ids:
-                # Finished. The EOS token stays in the output, as in transformers.generate: decoding
-                # with skip_special_tokens drops it when it is a special token, as lm-eval's hf does.
-                continue
-            if histories:
-                histories[original].append(token)
-            if len(outputs[original]) >= settings.max_new_tokens:
-                continue
-            if settings.stop_strings:
-                text = decode(outputs[original])
-                if any(stop in text for stop in settings.stop_strings):
-                    continue
-            keep.append(row)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(index)
-            attention_mask = attention_mask.index_select(0, index)
-            last_position = last_position.index_select(0, index)
-            next_tokens = next_tokens.index_select(0, index)
-            active = [active[row] for row in keep]
-
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-        last_position = last_position + 1
-        hidden = split.forward_body(
-            input_ids=next_tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=last_position[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-
-    counts = DecodeCounts(
-        prefill_tokens=batch * width,  # the shared prefix is counted where it is run
-        decode_steps=steps,
-        generated_tokens=sum(len(o) for o in outputs),
-    )
-    return outputs, counts

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import psutil
 import torch
 import transformers
 from lm_eval import utils as lm_utils
@@ -43,8 +44,9 @@ from benchharness.engine.batching import (
     prefix_groups,
     strip_prefix,
 )
+from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, generate, plan_slots
 from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
-from benchharness.engine.generation import DecodeSettings, generate_batch
+from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
 from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
@@ -56,6 +58,7 @@ _DEFAULT_MAX_ROWS = 64
 _MIN_ROW_SPLIT_TOKENS = 2048
 # Contexts sharing fewer leading tokens than this are not worth a prefix group.
 _MIN_SHARED_PREFIX = 16
+_DEFAULT_PREFILL_CHUNK = 1024  # prompt tokens per prefill forward without a token budget
 
 
 @dataclass
@@ -71,10 +74,13 @@ class EngineStats:
     score_output_rows: int = 0  # rows through the output layer
     score_min_tokens: int = 0  # the fewest tokens the requests need (each distinct token prefix once)
     generate_requests: int = 0
-    generate_batches: int = 0
+    generate_batches: int = 0  # prefill batches admitted into the decoding slots
     generate_prefixes: int = 0  # shared prompt prefixes run once for a group of prompts
     prefill_tokens: int = 0
     decode_steps: int = 0
+    decode_rows: int = 0  # running rows summed over decode steps
+    kv_slot_reads: int = 0  # rows x cache slots summed over decode steps (keys and values read)
+    max_running_rows: int = 0
     generated_tokens: int = 0
 
 
@@ -99,6 +105,7 @@ class BenchEngineLM(TemplateLM):
         share_prefixes: bool = True,
         cpu_kernels: bool = True,
         check_model: bool = True,
+        kv_cache_bytes: int | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -150,6 +157,9 @@ class BenchEngineLM(TemplateLM):
             self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
         self._oom_splits = 0
         self.stats = EngineStats()
+        self._kv_budget = int(kv_cache_bytes) if kv_cache_bytes else None
+        self.generation_plan: SlotPlan | None = None
+        self.last_decode_counts: DecodeCounts | None = None
         # lm-eval's evaluator reads `batch_sizes` for its results config.
         self.batch_sizes: dict[int, int] = {}
 
@@ -237,6 +247,8 @@ class BenchEngineLM(TemplateLM):
             "attn_implementation": getattr(self._split.text_config, "_attn_implementation", None),
             "cpu_kernels": self._split.kernels.description,
             "path_check": self.path_check,
+            "kv_budget_bytes": self.kv_budget_bytes(),
+            "generation": self.generation_plan.to_dict() if self.generation_plan else None,
         }
 
     def reset_stats(self) -> None:
@@ -485,14 +497,17 @@ class BenchEngineLM(TemplateLM):
         work.extend((group.prefix, [indices[k] for k in group.rows]) for group in groups)
         return work
 
-    def _generation_rows(self, width: int, max_new: int) -> int:
-        """Rows per decoding batch: the row cap; on CUDA also the token budget over the sequence length."""
-        rows = self._max_rows or _DEFAULT_MAX_ROWS
+    def kv_budget_bytes(self) -> int:
+        """Memory the decoding slots' keys and values may take: a quarter of the machine's RAM on
+        CPU, half of what the GPU holds besides the weights on CUDA. From totals, not from what is
+        free now, so the slot count (and which rows share a step) does not depend on other jobs."""
+        if self._kv_budget is not None:
+            return self._kv_budget
         if self._device.type == "cuda":
-            budget = self.token_budget()
-            if budget is not None:
-                rows = min(rows, max(1, budget // (width + max_new)))
-        return rows
+            total = torch.cuda.get_device_properties(self._device).total_memory
+            weights = sum(p.numel() * p.element_size() for p in self._model.parameters())
+            return max(0, int((0.9 * total - weights) * 0.5))
+        return int(psutil.virtual_memory().total * 0.25)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         outputs = self.generate_token_ids(requests, disable_tqdm=disable_tqdm)
@@ -528,33 +543,41 @@ class BenchEngineLM(TemplateLM):
                     f"within the model's maximum length {self.max_length}"
                 )
             prompts = {i: self._encode_prompt(requests[i].args[0], max_ctx_len) for i in indices}
+            queue: list[Prompt] = []
             for prefix_tokens, members in self._generation_groups(prompts, settings.max_new_tokens):
                 prefix = None
                 if prefix_tokens is not None:
                     prefix = run_prefix(self._split, prefix_tokens)
                     self.stats.generate_prefixes += 1
                     self.stats.prefill_tokens += prefix.length
-                order = sorted(members, key=lambda i: -len(prompts[i]))  # longest first, little left padding
-                start = 0
-                while start < len(order):
-                    rows = self._generation_rows(len(prompts[order[start]]), settings.max_new_tokens)
-                    chunk = order[start : start + rows]
-                    start += len(chunk)
-                    tokens, counts = generate_batch(
-                        self._split,
-                        [prompts[i] for i in chunk],
-                        settings,
-                        pad_token_id=self.tokenizer.pad_token_id or 0,
-                        decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
-                        prefix=prefix,
-                    )
-                    self.stats.generate_batches += 1
-                    self.stats.prefill_tokens += counts.prefill_tokens
-                    self.stats.decode_steps += counts.decode_steps
-                    self.stats.generated_tokens += counts.generated_tokens
-                    for i, new_tokens in zip(chunk, tokens, strict=True):
-                        outputs[i] = new_tokens
-                        pbar.update(1)
+                # Longest first: the long answers of long prompts start early, and prefills pad little.
+                queue.extend(Prompt(i, tuple(prompts[i]), prefix) for i in sorted(members, key=lambda i: -len(prompts[i])))
+            longest = max(len(p) for p in prompts.values())
+            plan = plan_slots(
+                self._split, self._max_rows or _DEFAULT_MAX_ROWS, longest, settings.max_new_tokens, self.kv_budget_bytes()
+            )
+            self.generation_plan = plan
+            found, counts = generate(
+                self._split,
+                queue,
+                settings,
+                plan,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+                decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+                chunk_tokens=self.token_budget() or _DEFAULT_PREFILL_CHUNK,
+                admit_at_least=max(1, plan.slots // 8),
+                on_finish=lambda _index, _tokens: pbar.update(1),
+            )
+            for i, new_tokens in found.items():
+                outputs[i] = new_tokens
+            self.stats.generate_batches += counts.admissions
+            self.stats.prefill_tokens += counts.prefill_tokens
+            self.stats.decode_steps += counts.decode_steps
+            self.stats.decode_rows += counts.decode_rows
+            self.stats.kv_slot_reads += counts.kv_slot_reads
+            self.stats.max_running_rows = max(self.stats.max_running_rows, counts.max_running)
+            self.stats.generated_tokens += counts.generated_tokens
+            self.last_decode_counts = counts
         pbar.close()
         self.stats.generate_requests += len(requests)
         return [o if o is not None else [] for o in outputs]

@@ -1,0 +1,323 @@
+"""Continuous batching for generate_until: a pool of decoding slots that is refilled as
+sequences finish.
+
+The loop: while slots are free and prompts wait, the next prompts are prefilled (their
+own left-padded batch, in chunks of at most the token budget, one chunk between two
+decode steps of the running rows) and join the running batch's cache
+(`kv_slots.join`); every step picks one token for each running row, rows that finish
+(EOS, a stop string, the token limit) leave, and cache slots no row uses any more are
+dropped. Prompts that share a prefix (few-shot examples) are prefilled from the prefix's
+keys and values, run once.
+
+What a row computes depends only on its own tokens: the attention mask hides every
+other row and every padding slot, positions count the row's own tokens, and sampling
+draws from a generator seeded by the run seed and the prompt. So which rows share a
+step, and when a prompt is admitted, do not change its output (up to the float noise of
+the matmul shapes, as for lm-eval's own batches); the tests check outputs across slot
+counts and orders, and against lm-eval's `hf` model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from benchharness.engine import kv_slots
+from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
+from benchharness.engine.head import SplitModel
+from benchharness.engine.scoring import PrefixState
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One request to decode: its index in the caller's list, its tokens, and the shared prefix
+    it starts with (None: run whole). Prompts with the same prefix object share its cache."""
+
+    index: int
+    tokens: tuple[int, ...]
+    prefix: PrefixState | None = None
+
+
+@dataclass
+class SlotPlan:
+    """How many rows decode at once, and what bounds it."""
+
+    slots: int
+    kv_budget_bytes: int | None  # None: no memory bound applied
+    kv_bytes_per_token: int
+    refill: bool  # False: the cache's layer kinds cannot take rows of another batch (static batches)
+    reason: str = ""  # why refill is off, if it is
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "slots": self.slots, "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token, "refill": self.refill, "reason": self.reason,
+        }
+
+
+@dataclass
+class DecodeCounts:
+    """What one `generate` call cost, and per-request timings."""
+
+    prefill_tokens: int = 0  # rows x padded rest length, over every admission
+    admissions: int = 0  # prefill batches
+    refills: int = 0  # admissions that joined rows already decoding
+    decode_steps: int = 0  # forwards of one token per running row
+    generated_tokens: int = 0
+    decode_rows: int = 0  # running rows summed over decode steps (mean batch = decode_rows / decode_steps)
+    kv_slot_reads: int = 0  # rows x cache slots summed over decode steps: the keys and values each step reads
+    max_running: int = 0
+    first_token_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to first token
+    finish_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to its last token
+
+
+@dataclass
+class _Row:
+    prompt: Prompt
+    outputs: list[int]
+    generator: torch.Generator | None
+    history: list[int] | None
+
+
+@dataclass
+class _Running:
+    """The rows decoding now: their cache, attention mask [rows, slots], last positions, and
+    the hidden state of each row's last token (the next logits come from it)."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def slots(self) -> int:
+        return int(self.mask.shape[1])
+
+
+class _Prefill:
+    """Newcomers' prompts, left-padded into one batch and run chunk by chunk."""
+
+    def __init__(self, split: SplitModel, prompts: list[Prompt], pad_token_id: int, chunk_tokens: int) -> None:
+        self.split = split
+        self.prompts = prompts
+        prefix = prompts[0].prefix
+        shared = prefix.length if prefix is not None else 0
+        rests = [list(p.tokens[shared:]) for p in prompts]
+        if any(not rest for rest in rests):
+            raise ValueError("a shared prefix must leave at least one token of every prompt")
+        width = max(len(rest) for rest in rests)
+        n = len(prompts)
+        ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for b, rest in enumerate(rests):
+            ids[b, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[b, width - len(rest) :] = 1
+        device = split.device
+        self.ids = ids.to(device)
+        # As transformers.generate: positions count real tokens; padding gets position 0 (masked anyway).
+        self.positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + shared).to(device)
+        mask = mask.to(device)
+        if prefix is not None:
+            self.cache = kv_slots.cache_from_prefix(split.config, prefix.layers, n)
+            mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
+        else:
+            self.cache = kv_slots.new_cache(split.config)
+        self.mask = mask
+        self.shared = shared
+        self.width = width
+        self.done_columns = 0
+        # Columns per chunk: the whole prompt batch when it fits the budget, else equal slices.
+        self.chunk = max(1, chunk_tokens // n) if n * width > chunk_tokens else width
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompts) * self.width
+
+    @property
+    def done(self) -> bool:
+        return self.hidden is not None
+
+    def step(self) -> None:
+        start = self.done_columns
+        stop = min(self.width, start + self.chunk)
+        out = self.split.forward_body(
+            input_ids=self.ids[:, start:stop],
+            attention_mask=self.mask[:, : self.shared + stop],
+            position_ids=self.positions[:, start:stop],
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        self.done_columns = stop
+        if stop == self.width:
+            self.hidden = out[:, -1]
+
+
+def _join(running: _Running | None, prefill: _Prefill, rows: list[_Row]) -> _Running:
+    assert prefill.hidden is not None
+    if running is None:
+        return _Running(rows, prefill.cache, prefill.mask, prefill.positions[:, -1], prefill.hidden)
+    slots = kv_slots.join(running.cache, running.slots, prefill.cache, prefill.mask.shape[1])
+    masks = [torch.nn.functional.pad(m, (slots - m.shape[1], 0)) for m in (running.mask, prefill.mask)]
+    return _Running(
+        running.rows + rows,
+        running.cache,
+        torch.cat(masks, dim=0),
+        torch.cat([running.positions, prefill.positions[:, -1]]),
+        torch.cat([running.hidden, prefill.hidden]),
+    )
+
+
+@torch.inference_mode()
+def generate(
+    split: SplitModel,
+    prompts: Sequence[Prompt],
+    settings: DecodeSettings,
+    plan: SlotPlan,
+    pad_token_id: int,
+    decode: Callable[[list[int]], str],
+    chunk_tokens: int = 1024,
+    admit_at_least: int = 1,
+    on_finish: Callable[[int, list[int]], None] | None = None,
+) -> tuple[dict[int, list[int]], DecodeCounts]:
+    """Decode every prompt; return its new tokens (a final EOS included) by `Prompt.index`.
+
+    Prompts are admitted in the order given; consecutive prompts with the same prefix are
+    prefilled together. `plan.slots` rows decode at once; with `plan.refill` off, a new
+    batch is admitted only when the running one has finished (static batches).
+    `admit_at_least`: wait until this many slots are free (or no more prompts wait) before
+    admitting, so that prefills are not single short rows; it changes timing, never outputs.
+    `on_finish(index, tokens)` is called as each request finishes.
+    """
+    device = split.device
+    started = time.perf_counter()
+    counts = DecodeCounts()
+    pending = list(prompts)
+    results: dict[int, list[int]] = {}
+    running: _Running | None = None
+    prefill: _Prefill | None = None
+    prefill_rows: list[_Row] = []
+
+    def finish(row: _Row) -> None:
+        results[row.prompt.index] = row.outputs
+        counts.finish_s[row.prompt.index] = time.perf_counter() - started
+        if on_finish is not None:
+            on_finish(row.prompt.index, row.outputs)
+
+    while pending or prefill is not None or running is not None:
+        busy = (len(running.rows) if running is not None else 0)
+        free = plan.slots - busy
+        if prefill is None and pending and free > 0 and (plan.refill or running is None):
+            if free >= min(admit_at_least, len(pending)) or running is None:
+                take = [pending[0]]
+                for candidate in pending[1:free]:
+                    if candidate.prefix is not take[0].prefix:
+                        break
+                    take.append(candidate)
+                del pending[: len(take)]
+                prefill = _Prefill(split, take, pad_token_id, chunk_tokens)
+                prefill_rows = [
+                    _Row(
+                        p,
+                        [],
+                        sequence_generator(settings, p.tokens, device) if settings.do_sample else None,
+                        list(p.tokens) if settings.needs_histories else None,
+                    )
+                    for p in take
+                ]
+                counts.admissions += 1
+                counts.prefill_tokens += prefill.tokens
+        if prefill is not None:
+            prefill.step()
+            if prefill.done:
+                counts.refills += running is not None
+                running = _join(running, prefill, prefill_rows)
+                counts.max_running = max(counts.max_running, len(running.rows))
+                prefill, prefill_rows = None, []
+            elif running is None:
+                continue  # nothing decodes while the first prompts prefill
+        if running is None:
+            continue
+
+        rows = running.rows
+        logits = process_logits(
+            split.logits(running.hidden).float(),
+            settings,
+            [row.history for row in rows] if settings.needs_histories else [],  # type: ignore[misc]
+            [len(row.outputs) for row in rows],
+        )
+        if settings.do_sample:
+            next_tokens = sample_tokens(logits, settings, [row.generator for row in rows])  # type: ignore[misc]
+        else:
+            next_tokens = logits.argmax(dim=-1)
+
+        now = time.perf_counter() - started
+        keep: list[int] = []
+        for b, token in enumerate(next_tokens.tolist()):
+            row = rows[b]
+            if not row.outputs:
+                counts.first_token_s[row.prompt.index] = now
+            row.outputs.append(token)
+            counts.generated_tokens += 1
+            if token in settings.eos_token_ids:
+                # The EOS token stays in the output, as in transformers.generate: decoding with
+                # skip_special_tokens drops it when it is a special token, as lm-eval's hf does.
+                finish(row)
+                continue
+            if row.history is not None:
+                row.history.append(token)
+            if len(row.outputs) >= settings.max_new_tokens:
+                finish(row)
+                continue
+            if settings.stop_strings and any(stop in decode(row.outputs) for stop in settings.stop_strings):
+                finish(row)
+                continue
+            keep.append(b)
+        if not keep:
+            running = None  # every row finished; its cache is dropped
+            continue
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            running.cache.batch_select_indices(index)
+            running.rows = [rows[b] for b in keep]
+            running.mask = running.mask.index_select(0, index)
+            running.positions = running.positions.index_select(0, index)
+            next_tokens = next_tokens.index_select(0, index)
+            unused = int((running.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading slots no row uses
+            if unused:
+                kv_slots.trim(running.cache, running.slots, unused)
+                running.mask = running.mask[:, unused:]
+
+        running.mask = torch.cat([running.mask, running.mask.new_ones((len(running.rows), 1))], dim=1)
+        running.positions = running.positions + 1
+        counts.decode_steps += 1
+        counts.decode_rows += len(running.rows)
+        counts.kv_slot_reads += len(running.rows) * running.slots
+        running.hidden = split.forward_body(
+            input_ids=next_tokens[:, None],
+            attention_mask=running.mask,
+            position_ids=running.positions[:, None],
+            past_key_values=running.cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+    return results, counts
+
+
+def plan_slots(split: SplitModel, max_rows: int, longest: int, max_new: int, budget_bytes: int | None) -> SlotPlan:
+    """Rows that decode at once: `max_rows`, lowered so that every row's keys and values at its
+    longest (`longest` prompt tokens + `max_new`) fit in `budget_bytes`."""
+    per_token = kv_slots.bytes_per_token(split.text_config, split.dtype)
+    slots = max_rows
+    if budget_bytes is not None:
+        slots = max(1, min(slots, budget_bytes // max(1, per_token * (longest + max_new))))
+    refill, reason = True, ""
+    try:
+        kv_slots.check_layers(kv_slots.new_cache(split.config))
+    except kv_slots.UnsupportedCacheError as error:
+        refill, reason = False, str(error)
+    return SlotPlan(slots=slots, kv_budget_bytes=budget_bytes, kv_bytes_per_token=per_token, refill=refill, reason=reason)

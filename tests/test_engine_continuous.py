@@ -1,0 +1,143 @@
+"""Continuous batching: slots refilled as sequences finish give lm-eval `hf`'s greedy outputs and
+the same seeded samples, whatever the slot count, prefill chunk, request order or memory budget."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from benchharness.engine import BenchEngineLM, kv_slots
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MAX_NEW = 16
+
+
+def _requests(gen_kwargs: dict, n: int = 10, shots: str = "") -> list[Instance]:
+    docs = mmlu_docs(n, seed=11)
+    # lengths differ a lot, so joined rows need padding on either side
+    prompts = [shots + d["question"] * (1 + i % 4) + "\nAnswer:" for i, d in enumerate(docs)]
+    return [Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(prompts)]
+
+
+def _ending_model(arch: str):
+    """A tiny model whose EOS is a token it often emits (not first), so rows finish at different steps."""
+    tokenizer = make_tokenizer(add_bos=arch.startswith("gemma"))
+    model = make_model(arch, len(tokenizer))
+    free = BenchEngineLM(model=model, tokenizer=tokenizer).generate_token_ids(
+        _requests({"until": [], "do_sample": False, "max_gen_toks": MAX_NEW})
+    )
+    firsts = {ids[0] for ids in free}
+    counts = collections.Counter(token for ids in free for token in set(ids[2:]) if token not in firsts)
+    model.generation_config.eos_token_id = counts.most_common(1)[0][0]
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-sliding"])
+def test_refilled_slots_give_hflms_outputs_in_any_order_slot_count_and_chunk(arch):
+    # gemma3 / qwen2-sliding: windows of a few tokens, far shorter than the prompts, so the joined
+    # and trimmed sliding-window cache layers are exercised past their window.
+    model, tokenizer = _ending_model(arch)
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW})
+    # lm-eval's hf one request at a time: no padding at all. (Batched, its left padding changes
+    # qwen2-sliding's outputs here: 2 of 10 differ between its batch 1 and batch 3.)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(requests)
+    for slots, chunk in [(2, None), (3, 8), (64, None), (1, None)]:
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=slots, max_batch_tokens=chunk)
+        assert engine.generate_until(requests) == reference, (slots, chunk)
+        counts = engine.last_decode_counts
+        assert counts.max_running <= slots
+        if slots in (2, 3):
+            assert counts.refills > 0  # prompts joined rows that were decoding
+    reordered = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3)
+    assert reordered.generate_until(requests[::-1]) == reference[::-1]
+    assert BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(requests[::-1]) == reference[::-1]
+
+
+def test_a_shared_few_shot_prefix_is_kept_across_refills():
+    model, tokenizer = _ending_model("llama")
+    shots = "".join(d["question"] + "\nAnswer: " + d["choices"][0] + "\n\n" for d in mmlu_docs(3, seed=5))
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=8, shots=shots)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2)
+    assert engine.generate_until(requests) == reference
+    assert engine.stats.generate_prefixes == 1
+    assert engine.last_decode_counts.refills > 0
+    whole = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2, share_prefixes=False)
+    assert whole.generate_until(requests) == reference
+    assert engine.stats.prefill_tokens < 0.6 * whole.stats.prefill_tokens
+
+
+def test_seeded_samples_do_not_depend_on_slots_or_order():
+    model, tokenizer = _ending_model("qwen2")
+    requests = _requests({"until": [], "do_sample": True, "temperature": 3.0, "max_gen_toks": MAX_NEW})
+    first = BenchEngineLM(model=model, tokenizer=tokenizer, seed=5).generate_until(requests)
+    for slots in (1, 3):
+        assert BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=slots, seed=5).generate_until(requests) == first
+    assert BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3, seed=5).generate_until(requests[::-1]) == first[::-1]
+    assert BenchEngineLM(model=model, tokenizer=tokenizer, seed=6).generate_until(requests) != first
+
+
+def test_the_kv_budget_bounds_the_slots_and_is_recorded():
+    model, tokenizer = _ending_model("llama")
+    requests = _requests({"until": [], "do_sample": False, "max_gen_toks": MAX_NEW})
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
+    roomy = BenchEngineLM(model=model, tokenizer=tokenizer)
+    roomy.generate_until(requests)
+    per_token = roomy.generation_plan.kv_bytes_per_token
+    # layers x (keys + values) x kv heads x head dim x 4 bytes, from the model's config
+    config = model.config
+    assert per_token == config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    longest = max(len(tokenizer(r.args[0])["input_ids"]) for r in requests)
+    budget = 2 * per_token * (longest + MAX_NEW) + per_token  # room for two rows at their longest
+    tight = BenchEngineLM(model=model, tokenizer=tokenizer, kv_cache_bytes=budget)
+    assert tight.generate_until(requests) == reference
+    assert tight.generation_plan.slots == 2
+    assert tight.last_decode_counts.max_running == 2
+    info = tight.batch_info
+    assert info["kv_budget_bytes"] == budget
+    assert info["generation"]["slots"] == 2 and info["generation"]["refill"] is True
+
+
+class _OtherLayer(DynamicLayer):
+    """A layer kind the slot code does not know (as a linear-attention or indexer layer would be)."""
+
+
+def test_unknown_cache_layers_are_refused_and_decode_in_static_batches(monkeypatch):
+    cache = DynamicCache()
+    cache.layers.append(_OtherLayer())
+    with pytest.raises(kv_slots.UnsupportedCacheError, match="_OtherLayer"):
+        kv_slots.check_layers(cache)
+
+    model, tokenizer = _ending_model("llama")
+    requests = _requests({"until": [], "do_sample": False, "max_gen_toks": MAX_NEW})
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
+
+    def refuse(_cache: DynamicCache) -> None:
+        raise kv_slots.UnsupportedCacheError("cache layer _OtherLayer cannot take rows of another batch")
+
+    monkeypatch.setattr(kv_slots, "check_layers", refuse)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3, share_prefixes=False)
+    assert engine.generate_until(requests) == reference
+    assert engine.last_decode_counts.refills == 0
+    assert engine.batch_info["generation"]["refill"] is False
+    assert "_OtherLayer" in engine.batch_info["generation"]["reason"]
+
+
+def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
+    keys = torch.arange(2 * 1 * 3 * 1, dtype=torch.float32).reshape(2, 1, 3, 1)
+    a, b = DynamicCache(), DynamicCache()
+    a.update(keys, keys, 0)
+    b.update(torch.ones(1, 1, 5, 1), torch.ones(1, 1, 5, 1), 0)
+    assert kv_slots.join(a, 3, b, 5) == 5
+    joined = a.layers[0].keys[:, 0, :, 0]
+    assert joined.tolist() == [[0, 0, 0, 1, 2], [0, 0, 3, 4, 5], [1, 1, 1, 1, 1]]
+    assert kv_slots.trim(a, 5, 2) == 3
+    assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5], [1, 1, 1]]
