@@ -86,6 +86,9 @@ def test_every_run_carries_a_parity_certificate(tmp_path: Path, tiny_model_dir: 
     section = report.split("## Parity certificate", 1)[1].split("\n## ", 1)[0]
     assert "| tiny-llama | passed | 3 | 21 |" in section and "2/2" in section and "4/4" in section
     assert main(["verify", str(run)]) == 0
+    # Generation ran in the engine's decoding slots, bounded by a recorded KV-cache budget.
+    batch = manifest["models"]["tiny-llama"]["batch"]
+    assert batch["kv_budget_bytes"] > 0 and batch["generation"]["refill"] is True and batch["generation"]["slots"] >= 1
 
 
 def test_a_difference_beyond_the_tolerance_fails_the_run_but_keeps_its_scores(

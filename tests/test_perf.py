@@ -55,7 +55,7 @@ EXPECTED_COLUMNS = [
     "model", "origin", "task", "phase", "batch", "prompt_len", "new_tokens", "tokens", "seconds", "tokens_per_s",
     "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_p25", "tokens_per_s_p75", "ttft_s",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "peak_memory_mb", "achieved_flops",
-    "flops_efficiency", "bandwidth_efficiency", "reps",
+    "flops_efficiency", "bandwidth_efficiency", "reps", "ttft_p90_s", "ttft_p99_s",
 ]
 
 # Tiny sizes: hidden 32, 4 heads of 8, 2 KV heads, MLP 64, 2 layers, vocabulary 128.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -67,6 +68,29 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert manifest["limits"]["matmul_flops"]["median"] > 0
     assert manifest["models"]["tiny-llama"]["requests"]["bh_mmlu"] == {"computed": 24, "cached": 0}
     assert (run / "report.md").is_file()
+    assert main(["verify", str(run)]) == 0
+
+
+def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:
+    serve = "serve: {requests: 4, prompt_len: 6, new_tokens: [2, 5], concurrency: [1, 4]}"
+    body = (
+        BODY.replace("engine: hf", "engine: benchharness")
+        .replace("limits_min_seconds: 0}", f"limits_min_seconds: 0, {serve}}}")
+        .replace("    limit: 6\n", "    limit: 6\n  - {name: gsm8k_zeroshot, limit: 2}\n")
+    )
+    code, runs = _run(tmp_path, body, tiny_catalog(tiny_model_dir))
+    assert code == 0
+    (run,) = list(runs.iterdir())
+    speed = pd.read_csv(run / "throughput.csv")
+    # Generation's decode steps: their bytes (weights + cached keys and values) against the in-run bandwidth.
+    generated = speed[speed.phase == "eval_generate"].iloc[0]
+    assert generated.bandwidth_efficiency > 0 and generated.flops_efficiency > 0
+    serving = speed[speed.phase == "serve"]
+    assert serving.batch.tolist() == [1, 4]
+    assert serving.tokens.tolist() == [2 * (2 + 5)] * 2  # every request to its forced length
+    assert (serving.ttft_s <= serving.ttft_p99_s).all() and (serving.latency_p50_ms > 0).all()
+    probe = (run / "report.md").read_text().split("## Speed probe", 1)[1].split("\n## ", 1)[0]
+    assert len(re.findall(r"\|\s*serve\s*\|", probe)) == 2
     assert main(["verify", str(run)]) == 0
 
 

@@ -45,12 +45,17 @@ class MeteredLM(LM):
         self.scored_tokens = 0
         self.generated_tokens = 0
         self.generate_prompt_tokens = 0
+        # From the engine's own counters, where the model has them (lm-eval's hf has not).
+        self.decode_steps = 0
+        self.decode_kv_slot_reads = 0
+        self.decode_seconds = 0.0
 
     def counters(self) -> dict[str, float]:
         return {
             "score_seconds": self.score_seconds, "generate_seconds": self.generate_seconds, "requests": self.requests,
             "prompt_tokens": self.prompt_tokens, "scored_tokens": self.scored_tokens, "generated_tokens": self.generated_tokens,
-            "generate_prompt_tokens": self.generate_prompt_tokens,
+            "generate_prompt_tokens": self.generate_prompt_tokens, "decode_steps": self.decode_steps,
+            "decode_kv_slot_reads": self.decode_kv_slot_reads, "decode_seconds": self.decode_seconds,
         }
 
     # lm-eval reads these to shard and gather work across processes.
@@ -134,9 +139,15 @@ class MeteredLM(LM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        stats = getattr(self.inner, "stats", None)
+        before = (stats.decode_steps, stats.kv_slot_reads, stats.decode_seconds) if hasattr(stats, "kv_slot_reads") else None
         started = time.perf_counter()
         out = self.inner.generate_until(requests, disable_tqdm=disable_tqdm)
         self.generate_seconds += time.perf_counter() - started
+        if before is not None:
+            self.decode_steps += stats.decode_steps - before[0]
+            self.decode_kv_slot_reads += stats.kv_slot_reads - before[1]
+            self.decode_seconds += stats.decode_seconds - before[2]
         self.requests += len(requests)
         self.generate_prompt_tokens += distinct_prefix_tokens(self._tokens(req.args[0]) for req in requests)
         for text in out:

@@ -47,8 +47,8 @@ from benchharness.onednn import onednn_available, onednn_linear
 
 T = TypeVar("T")
 
-PHASES = ("eval", "eval_generate", "prefill", "decode", "load_cold", "load_warm")
-Phase = Literal["eval", "eval_generate", "prefill", "decode", "load_cold", "load_warm"]
+PHASES = ("eval", "eval_generate", "prefill", "decode", "serve", "load_cold", "load_warm")
+Phase = Literal["eval", "eval_generate", "prefill", "decode", "serve", "load_cold", "load_warm"]
 MIB = 1024 * 1024
 
 
@@ -65,9 +65,31 @@ class ProbeShape(BaseModel):
     new_tokens: int = Field(default=32, ge=2, description="forced; >= 2 so there is a decode step after the first token")
 
 
+class ServeSpec(BaseModel):
+    """The serving-style scenario of the speed probe: `requests` synthetic prompts of `prompt_len`
+    tokens, all arriving at once, each forced to its own output length (`new_tokens`, cycled over
+    the requests), decoded by the engine's continuous batching at each `concurrency` (slots)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=16, gt=0)
+    prompt_len: int = Field(default=64, gt=0)
+    new_tokens: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1, description="output lengths, cycled")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1, description="slots decoding at once")
+
+    @model_validator(mode="after")
+    def _positive(self) -> ServeSpec:
+        if min(self.new_tokens) < 2 or min(self.concurrency) < 1:
+            raise ValueError("serve.new_tokens must be >= 2 (a decode step after the first token) and serve.concurrency >= 1")
+        return self
+
+
 class ProbeSpec(ProbeShape):
     """The `speed` section of an experiment: the probe's shape(s) and repetitions."""
 
+    serve: ServeSpec | None = Field(
+        default_factory=ServeSpec, description="the continuous-batching scenario (engine: benchharness); null turns it off"
+    )
     extra_shapes: list[ProbeShape] = Field(default_factory=list, description="more shapes, probed after the main one")
     warmup: int = Field(default=2, ge=0, description="untimed runs before the timed ones")
     min_reps: int = Field(default=5, ge=1, description="timed runs at least")
@@ -446,7 +468,10 @@ class ThroughputRow:
     `tokens_per_s` is the median of the per-run rates and min/max/p25/p75 their spread.
     eval: tokens scored by the evaluation (forwarded context + continuation); eval_generate:
     tokens the evaluation generated. prefill: batch x prompt_len per run. decode: batch x
-    (new_tokens - 1) per run (the first token is in ttft_s). load_*: seconds only.
+    (new_tokens - 1) per run (the first token is in ttft_s); latency_*: one step's time.
+    serve: the continuous-batching scenario at `batch` slots: every request's tokens over the
+    wall time; ttft_s / ttft_p90_s / ttft_p99_s over the requests (from their common arrival),
+    latency_*: time per output token after the first, over the requests. load_*: seconds only.
     """
 
     model: str
@@ -472,6 +497,8 @@ class ThroughputRow:
     flops_efficiency: float | None = None
     bandwidth_efficiency: float | None = None
     reps: int | None = None
+    ttft_p90_s: float | None = None  # serve: time to first token over the requests (ttft_s is the median)
+    ttft_p99_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

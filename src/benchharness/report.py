@@ -441,7 +441,7 @@ def _probe(runs: list[Run], entries: pd.DataFrame) -> pd.DataFrame:
     key = entries.set_index(["run_id", "model"])["entry"]
     frames = []
     for run in runs:
-        tp = run.throughput[run.throughput["phase"].isin(["prefill", "decode"])].copy()
+        tp = run.throughput[run.throughput["phase"].isin(["prefill", "decode", "serve"])].copy()
         if tp.empty:
             continue
         tp.insert(0, "entry", [key.get((run.run_id, m), m) for m in tp["model"]])
@@ -849,7 +849,13 @@ def table_probe(data: ReportData) -> pd.DataFrame | None:
                      "tok/s (median)": _fmt_num(r.get("tokens_per_s")),
                      "tok/s p25–p75": (f"{_fmt_num(r.get('tokens_per_s_p25'))}–{_fmt_num(r.get('tokens_per_s_p75'))}"
                                        if pd.notna(r.get("tokens_per_s_p25")) else ""),
-                     "TTFT s": _fmt_num(r.get("ttft_s"), 3), "peak MB": _fmt_num(r.get("peak_memory_mb"), 0),
+                     "TTFT s": _fmt_num(r.get("ttft_s"), 3),
+                     "TTFT p90 / p99 s": (f"{_fmt_num(r.get('ttft_p90_s'), 3)} / {_fmt_num(r.get('ttft_p99_s'), 3)}"
+                                          if pd.notna(r.get("ttft_p90_s")) else ""),
+                     "ms per output token p50 / p90 / p99": (
+                         f"{_fmt_num(r.get('latency_p50_ms'), 1)} / {_fmt_num(r.get('latency_p90_ms'), 1)} / {_fmt_num(r.get('latency_p99_ms'), 1)}"
+                         if r.get("phase") == "serve" else ""),
+                     "peak MB": _fmt_num(r.get("peak_memory_mb"), 0),
                      "FLOP efficiency": _fmt_num(r.get("flops_efficiency"), 3), "reps": _fmt_num(r.get("reps"), 0)})
     frame = pd.DataFrame(rows)
     keep = [c for c in frame.columns if c in ("model", "phase") or (frame[c] != "").any()]
@@ -964,7 +970,9 @@ def _sections(data: ReportData) -> list[Section]:
     sections.append(Section("Models", "Where each model's weights came from and how it ran.", [("", table_models(data))]))
     probe = table_probe(data)
     if probe is not None:
-        sections.append(Section("Speed probe", "Fixed-shape prefill/decode measurements (median over reps).",
+        sections.append(Section("Speed probe", "Fixed-shape prefill/decode measurements (median over reps). `serve` rows: "
+                                "the continuous-batching scenario, every request arriving at once, `batch` = decoding slots; "
+                                "TTFT over the requests (median, p90, p99), time per output token after the first.",
                                 [("", probe)]))
     parity = table_parity(data)
     if parity is not None:

@@ -28,11 +28,14 @@ from benchharness.catalog import ModelEntry
 from benchharness.config import Experiment, SuiteSpec
 from benchharness.data import SUITES, check_task_data_offline, prepare_suite, render_tasks
 from benchharness.distributed import DistContext, check_parallel, main_first, on_main
+from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
 from benchharness.errors import HarnessError
 from benchharness.manifest import fingerprint_sha256, initial_manifest, initial_parity
 from benchharness.metered import MeteredLM
 from benchharness.scoring import macro_average, subject_scores
-from benchharness.perf import MachineLimits, MatmulParams, MemorySampler, hardware_info, load_timer, matmul_params, measure_machine_limits, run_speed_probe
+from benchharness.perf import (
+    MachineLimits, MatmulParams, MemorySampler, decode_read_bytes, hardware_info, load_timer, matmul_params, measure_machine_limits, run_speed_probe,
+)
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, run_process
 
@@ -435,6 +438,10 @@ def _evaluate_model(
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
     model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3)}
     params = matmul_params(model)
+    decode_bytes = DecodeBytes(
+        weights=decode_read_bytes(model),
+        kv_per_token=kv_bytes_per_token(model.config.get_text_config(), next(model.parameters()).dtype),
+    )
 
     metered = MeteredLM(lm, tokenizer, dist=dist)
     reference: Any = None  # lm-eval's hf model on the same weights, built when the certificate first needs it
@@ -473,7 +480,7 @@ def _evaluate_model(
             update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
-        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits))
+        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits, decode_bytes))
         update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
         # Requests answered by the model now (every rank; lm-eval pads short ranks with repeats),
         # and from the request cache of an interrupted attempt.
@@ -492,15 +499,24 @@ def _evaluate_model(
             log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
             with probe_kernels(experiment, model).applied():
                 probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
+                probe += serve_rows(experiment, model, tokenizer, device, limits, entry.name, entry.origin)
             yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
         if dist is not None:
             dist.barrier()
     del model, lm, metered
 
 
+@dataclass(frozen=True)
+class DecodeBytes:
+    """What one decode step reads: every weight once, and each running row's keys and values."""
+
+    weights: int
+    kv_per_token: int  # one cache slot of one row, every layer
+
+
 def _eval_rows(
     entry: ModelEntry, task: str, per_rank: list[dict[str, Any]], batch_size: int | str,
-    params: MatmulParams, limits: MachineLimits | None,
+    params: MatmulParams, limits: MachineLimits | None, decode_bytes: DecodeBytes | None = None,
 ) -> list[dict[str, Any]]:
     """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second.
 
@@ -508,7 +524,10 @@ def _eval_rows(
     the slowest rank (ranks run at the same time). With several ranks, `eval_rank<N>` /
     `eval_generate_rank<N>` rows give rank N's own figures (the report reads `eval`).
     `achieved_flops` counts useful work only: the model body over every needed token and the
-    output layer where a token is scored or generated.
+    output layer where a token is scored or generated. For `eval_generate` with the engine,
+    `bandwidth_efficiency` is the decode steps' bytes (every weight per step, plus each running
+    row's cached keys and values, padding slots included) over their own seconds, over the
+    in-run memory bandwidth.
     """
     # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
     batch = batch_size if isinstance(batch_size, int) else None
@@ -538,6 +557,10 @@ def _eval_rows(
         peak = max(float(c["peak_memory_mb"]) for c in per_rank)
         flops = sum(useful_flops(phase, c) for c in per_rank)
         rows.append(row(phase, tokens, seconds, flops, peak, limits.peak_flops * devices if limits else None))
+        decode_seconds = max(float(c.get("decode_seconds", 0.0)) for c in per_rank)
+        if phase == "eval_generate" and decode_bytes is not None and limits is not None and decode_seconds > 0:
+            read = sum(int(c["decode_steps"]) * decode_bytes.weights + int(c["decode_kv_slot_reads"]) * decode_bytes.kv_per_token for c in per_rank)
+            rows[-1]["bandwidth_efficiency"] = read / decode_seconds / (limits.peak_bandwidth * devices)
         if len(per_rank) > 1:
             for rank, c in enumerate(per_rank):
                 if c[tokens_key] and c[seconds_key] > 0:
@@ -598,6 +621,20 @@ def probe_kernels(experiment: Experiment, model: Any) -> Any:
     from benchharness.engine.cpu_kernels import plan_cpu_kernels
 
     return plan_cpu_kernels(model, enabled=experiment.engine == "benchharness")
+
+
+def serve_rows(
+    experiment: Experiment, model: Any, tokenizer: Any, device: str, limits: MachineLimits | None, name: str, origin: str
+) -> list[Any]:
+    """The probe's continuous-batching scenario (`speed.serve`), for the benchharness engine only:
+    it measures the engine's own scheduler."""
+    spec = experiment.speed.serve if experiment.speed is not None else None
+    if spec is None or experiment.engine != "benchharness":
+        return []
+    from benchharness.serve_probe import run_serve_probe
+
+    log.info("%s: serving scenario %s", name, spec.model_dump())
+    return run_serve_probe(model, tokenizer, spec, device, seed=experiment.speed.seed, limits=limits, model_name=name, origin=origin)
 
 
 def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import torch
 
 from benchharness.config import Experiment
 from benchharness.perf import ProbeSpec, format_rows, measure_machine_limits, run_speed_probe
-from benchharness.runner import probe_kernels
+from benchharness.runner import probe_kernels, serve_rows
 from benchharness.sources import load_model, pick_device, pick_dtype, resolve_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def run_speed_only(experiment: Experiment, cache_dir: Path) -> str:
         log.info("%s: speed probe %s", entry.name, spec.model_dump())
         with probe_kernels(experiment, model).applied():
             rows = run_speed_probe(model, tokenizer, spec, device, limits=limits, model_name=entry.name, origin=entry.origin)
+            rows += serve_rows(experiment.model_copy(update={"speed": spec}), model, tokenizer, device, limits, entry.name, entry.origin)
         lines += ["", f"{entry.name} ({entry.origin}, {entry.build})", format_rows(rows)]
         del model
     return "\n".join(lines)

@@ -40,6 +40,7 @@ class Prompt:
     index: int
     tokens: tuple[int, ...]
     prefix: PrefixState | None = None
+    max_new_tokens: int | None = None  # this prompt's own limit (None: the settings')
 
 
 @dataclass
@@ -70,6 +71,7 @@ class DecodeCounts:
     generated_tokens: int = 0
     decode_rows: int = 0  # running rows summed over decode steps (mean batch = decode_rows / decode_steps)
     kv_slot_reads: int = 0  # rows x cache slots summed over decode steps: the keys and values each step reads
+    decode_seconds: float = 0.0  # wall time of the decode steps (output layer, token choice, body), prefills excluded
     max_running: int = 0
     first_token_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to first token
     finish_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to its last token
@@ -244,6 +246,7 @@ def generate(
         if running is None:
             continue
 
+        step_started = time.perf_counter()
         rows = running.rows
         logits = process_logits(
             split.logits(running.hidden).float(),
@@ -271,7 +274,7 @@ def generate(
                 continue
             if row.history is not None:
                 row.history.append(token)
-            if len(row.outputs) >= settings.max_new_tokens:
+            if len(row.outputs) >= (row.prompt.max_new_tokens or settings.max_new_tokens):
                 finish(row)
                 continue
             if settings.stop_strings and any(stop in decode(row.outputs) for stop in settings.stop_strings):
@@ -280,6 +283,7 @@ def generate(
             keep.append(b)
         if not keep:
             running = None  # every row finished; its cache is dropped
+            counts.decode_seconds += time.perf_counter() - step_started
             continue
         if len(keep) < len(rows):
             index = torch.tensor(keep, dtype=torch.long, device=device)
@@ -305,6 +309,7 @@ def generate(
             past_key_values=running.cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
+        counts.decode_seconds += time.perf_counter() - step_started
     return results, counts
 
 

@@ -4,7 +4,7 @@ Tokenization follows lm-eval's HFLM exactly (its `tok_encode`, `_encode_pair` vi
 TemplateLM, empty-context prefix token, left truncation, generation encoding and
 post-processing), so every lm-eval task gives the same requests and the same
 scores as `--model hf`; only the computation differs (see batching, scoring,
-generation, autobatch).
+continuous, generation, autobatch).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class EngineStats:
     decode_rows: int = 0  # running rows summed over decode steps
     kv_slot_reads: int = 0  # rows x cache slots summed over decode steps (keys and values read)
     max_running_rows: int = 0
+    decode_seconds: float = 0.0  # wall time of the decode steps, prefills excluded
     generated_tokens: int = 0
 
 
@@ -575,6 +576,7 @@ class BenchEngineLM(TemplateLM):
             self.stats.decode_steps += counts.decode_steps
             self.stats.decode_rows += counts.decode_rows
             self.stats.kv_slot_reads += counts.kv_slot_reads
+            self.stats.decode_seconds += counts.decode_seconds
             self.stats.max_running_rows = max(self.stats.max_running_rows, counts.max_running)
             self.stats.generated_tokens += counts.generated_tokens
             self.last_decode_counts = counts
@@ -594,5 +596,5 @@ def _as_bool(name: str, value: bool | str) -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def stats_as_dict(stats: EngineStats) -> dict[str, int]:
+def stats_as_dict(stats: EngineStats) -> dict[str, int | float]:
     return asdict(stats)
