@@ -141,3 +141,14 @@ def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
     assert joined.tolist() == [[0, 0, 0, 1, 2], [0, 0, 3, 4, 5], [1, 1, 1, 1, 1]]
     assert kv_slots.trim(a, 5, 2) == 3
     assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5], [1, 1, 1]]
+
+
+def test_continuous_batching_can_be_turned_off_as_a_reference():
+    model, tokenizer = _ending_model("llama")
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW})
+    refilled = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3)
+    static = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3, continuous_batching="false")
+    assert static.generate_until(requests) == refilled.generate_until(requests)
+    assert refilled.last_decode_counts.refills > 0 and static.last_decode_counts.refills == 0
+    assert static.batch_info["generation"]["refill"] is False
+    assert static.batch_info["generation"]["reason"] == "continuous_batching=false"

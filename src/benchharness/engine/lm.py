@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psutil
@@ -104,6 +104,7 @@ class BenchEngineLM(TemplateLM):
         seed: int = 1234,
         max_row_tokens: int | None = None,
         share_prefixes: bool = True,
+        continuous_batching: bool = True,
         cpu_kernels: bool = True,
         check_model: bool = True,
         kv_cache_bytes: int | None = None,
@@ -153,6 +154,8 @@ class BenchEngineLM(TemplateLM):
         self._max_batch_tokens = int(max_batch_tokens) if max_batch_tokens and not self._probe_budget else None
         self._max_row_tokens = int(max_row_tokens) if max_row_tokens else None
         self._share_prefixes = _as_bool("share_prefixes", share_prefixes)
+        # false: a decoding batch runs to its end before the next is admitted (static batches), as a reference
+        self._continuous = _as_bool("continuous_batching", continuous_batching)
         self._budget: BudgetChoice | None = None
         if self._max_batch_tokens is not None:
             self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
@@ -557,6 +560,8 @@ class BenchEngineLM(TemplateLM):
             plan = plan_slots(
                 self._split, self._max_rows or _DEFAULT_MAX_ROWS, longest, settings.max_new_tokens, self.kv_budget_bytes()
             )
+            if not self._continuous and plan.refill:
+                plan = replace(plan, refill=False, reason="continuous_batching=false")
             self.generation_plan = plan
             found, counts = generate(
                 self._split,

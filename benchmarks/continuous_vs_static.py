@@ -1,0 +1,86 @@
+"""Continuous batching against static batches: the same engine, the same generate_until
+requests, refill on and off, alternating (A/B/A/...), in one process.
+
+The requests are a harness task's (default `bh_humaneval`: HumanEval's 164 prompts, greedy,
+up to 384 new tokens), built by lm-eval from the harness's rendered tasks (`benchharness
+prepare` makes them). Static batches: up to `--rows` prompts are admitted together and the
+batch decodes until its last row finishes (rows leave as they finish), then the next batch;
+continuous: a finished row's slot is refilled from the queue. Per run it prints the wall
+seconds of generate_until, generated tokens per second, decode steps, mean running rows per
+step, and whether the outputs equal the first run's.
+
+    python benchmarks/continuous_vs_static.py --model-dir PATH [--task bh_humaneval] [--limit N] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from lm_eval.tasks import TaskManager
+
+from benchharness.engine import BenchEngineLM
+from benchharness.data import default_cache_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, type=Path, help="a converted model folder (`benchharness fetch NAME`)")
+    parser.add_argument("--task", default="bh_humaneval")
+    parser.add_argument("--limit", type=int, default=None, help="first N documents (default: all)")
+    parser.add_argument("--rows", type=int, default=64, help="decoding rows (slots) at once")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B pairs")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache", type=Path, default=None, help="the harness cache holding rendered tasks")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tasks_dir = (args.cache or default_cache_dir()) / "tasks"
+    if not tasks_dir.is_dir():
+        raise SystemExit(f"no rendered tasks at {tasks_dir}: run `benchharness prepare` first")
+    manager = TaskManager(include_path=str(tasks_dir))
+    task = manager.load_task_or_group([args.task])[args.task]
+    task.build_all_requests(limit=args.limit, rank=0, world_size=1)
+    requests = [instance for instance in task.instances if instance.request_type == "generate_until"]
+    if not requests:
+        raise SystemExit(f"{args.task} has no generate_until requests")
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    engines = {
+        "continuous": BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows),
+        "static": BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows, continuous_batching=False),
+    }
+    print(f"{args.task}: {len(requests)} requests, {args.rows} rows, {torch.get_num_threads()} torch threads")
+    print("| run | mode | seconds | generated tokens | tokens/s | decode steps | mean rows per step | admissions | same outputs as run 1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    first: list[str] | None = None
+    totals: dict[str, list[float]] = {name: [] for name in engines}
+    run = 0
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            run += 1
+            engine.reset_stats()
+            start = time.perf_counter()
+            outputs = engine.generate_until(requests, disable_tqdm=True)
+            seconds = time.perf_counter() - start
+            first = first if first is not None else outputs
+            stats = engine.stats
+            totals[name].append(seconds)
+            print(
+                f"| {run} | {name} | {seconds:.1f} | {stats.generated_tokens} | {stats.generated_tokens / seconds:.1f} | "
+                f"{stats.decode_steps} | {stats.decode_rows / max(1, stats.decode_steps):.1f} | {stats.generate_batches} | "
+                f"{outputs == first} |",
+                flush=True,
+            )
+    best = {name: min(values) for name, values in totals.items()}
+    print(f"fastest: continuous {best['continuous']:.1f} s, static {best['static']:.1f} s: "
+          f"static / continuous = {best['static'] / best['continuous']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
