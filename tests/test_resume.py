@@ -201,7 +201,14 @@ def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path, c
         assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume"]) == 2
         assert f"still going (process {proc.pid} on this host)" in capsys.readouterr().err
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # A signal that lands while Python runs a finalizer (a __del__, a weakref callback) is
+            # reported there and lost, as a user's first Ctrl-C can be; the user presses it again.
+            # (Seen once in a full fresh-clone run: no "interrupted" line after 120 s.)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, f"exit code {proc.returncode}: {err[-1000:]}"
