@@ -81,6 +81,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from benchharness.data import default_cache_dir, get_suite, prepare_suite  # noqa: E402
 from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
+from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token  # noqa: E402
 from benchharness.perf import matmul_kernels, matmul_params, measure_matmul_flops  # noqa: E402
 from benchharness.reference import row_bytes as reference_row_bytes  # noqa: E402
 
@@ -372,11 +373,9 @@ def hf_row_bytes(model: torch.nn.Module, longest: int, generation: bool) -> floa
     config = model.config.get_text_config()
     vocab = int(config.vocab_size)
     heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     width = max(int(getattr(config, "intermediate_size", 0) or 0), int(config.hidden_size))
-    cache = 2 * int(config.num_hidden_layers) * kv_heads * head_dim * longest
-    return 4 * (cache + 3 * longest * width + 4 * vocab)
+    cache = kv_bytes_per_token(config, torch.float32) * longest
+    return cache + 4 * (3 * longest * width + 4 * vocab)
 
 
 def longest_sequence(run: EvalRun, engine: BenchEngineLM, max_gen_toks: int) -> int:

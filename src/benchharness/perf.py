@@ -409,6 +409,11 @@ class MatmulParams:
     def flops_per_token(self) -> float:
         return 2.0 * (self.body + self.head)
 
+    def generation_flops(self, prompt_tokens: int, generated_tokens: int) -> float:
+        """Useful FLOPs of generation: each prompt token once through the body, each generated
+        token through the body and the output layer."""
+        return 2.0 * (self.body * prompt_tokens + (self.body + self.head) * generated_tokens)
+
 
 def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     # parameters() already deduplicates tied tensors by identity.

@@ -34,7 +34,8 @@ from benchharness.manifest import fingerprint_sha256, initial_manifest, initial_
 from benchharness.metered import MeteredLM
 from benchharness.scoring import macro_average, subject_scores
 from benchharness.perf import (
-    MachineLimits, MatmulParams, MemorySampler, decode_read_bytes, hardware_info, load_timer, matmul_params, measure_machine_limits, run_speed_probe,
+    MachineLimits, MatmulParams, MemorySampler, ProbeSpec, decode_read_bytes, hardware_info, load_timer, matmul_params, measure_machine_limits,
+    run_speed_probe,
 )
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, run_process
@@ -499,7 +500,7 @@ def _evaluate_model(
             log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
             with probe_kernels(experiment, model).applied():
                 probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
-                probe += serve_rows(experiment, model, tokenizer, device, limits, entry.name, entry.origin)
+                probe += serve_rows(experiment.engine, experiment.speed, model, tokenizer, device, limits, entry.name, entry.origin)
             yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
         if dist is not None:
             dist.barrier()
@@ -536,7 +537,7 @@ def _eval_rows(
 
     def useful_flops(phase: str, c: dict[str, Any]) -> float:
         if phase.startswith("eval_generate"):
-            return 2.0 * (params.body * int(c["generate_prompt_tokens"]) + (params.body + params.head) * int(c["generated_tokens"]))
+            return params.generation_flops(int(c["generate_prompt_tokens"]), int(c["generated_tokens"]))
         return 2.0 * (params.body * int(c["prompt_tokens"]) + params.head * int(c["scored_tokens"]))
 
     def row(phase: str, tokens: int, seconds: float, flops: float, peak_mb: float, peak_flops: float | None) -> dict[str, Any]:
@@ -624,17 +625,16 @@ def probe_kernels(experiment: Experiment, model: Any) -> Any:
 
 
 def serve_rows(
-    experiment: Experiment, model: Any, tokenizer: Any, device: str, limits: MachineLimits | None, name: str, origin: str
+    engine: str, probe: ProbeSpec, model: Any, tokenizer: Any, device: str, limits: MachineLimits | None, name: str, origin: str
 ) -> list[Any]:
-    """The probe's continuous-batching scenario (`speed.serve`), for the benchharness engine only:
+    """The probe's continuous-batching scenario (`probe.serve`), for the benchharness engine only:
     it measures the engine's own scheduler."""
-    spec = experiment.speed.serve if experiment.speed is not None else None
-    if spec is None or experiment.engine != "benchharness":
+    if probe.serve is None or engine != "benchharness":
         return []
     from benchharness.serve_probe import run_serve_probe
 
-    log.info("%s: serving scenario %s", name, spec.model_dump())
-    return run_serve_probe(model, tokenizer, spec, device, seed=experiment.speed.seed, limits=limits, model_name=name, origin=origin)
+    log.info("%s: serving scenario %s", name, probe.serve.model_dump())
+    return run_serve_probe(model, tokenizer, probe.serve, device, seed=probe.seed, limits=limits, model_name=name, origin=origin)
 
 
 def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:

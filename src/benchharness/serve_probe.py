@@ -54,8 +54,7 @@ def run_serve_probe(
             1000.0 * (counts.finish_s[p.index] - counts.first_token_s[p.index]) / (p.max_new_tokens - 1)  # type: ignore[operator]
             for p in prompts
         ])
-        useful = 2.0 * (params.body * spec.requests * spec.prompt_len + (params.body + params.head) * counts.generated_tokens)
-        achieved = useful / wall
+        achieved = params.generation_flops(spec.requests * spec.prompt_len, counts.generated_tokens) / wall
         rows.append(ThroughputRow(
             model=model_name, origin=origin, task=None, phase="serve", batch=slots, prompt_len=spec.prompt_len,
             new_tokens=max(spec.new_tokens), tokens=counts.generated_tokens, seconds=wall,

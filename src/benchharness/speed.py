@@ -32,7 +32,7 @@ def run_speed_only(experiment: Experiment, cache_dir: Path) -> str:
         log.info("%s: speed probe %s", entry.name, spec.model_dump())
         with probe_kernels(experiment, model).applied():
             rows = run_speed_probe(model, tokenizer, spec, device, limits=limits, model_name=entry.name, origin=entry.origin)
-            rows += serve_rows(experiment.model_copy(update={"speed": spec}), model, tokenizer, device, limits, entry.name, entry.origin)
+            rows += serve_rows(experiment.engine, spec, model, tokenizer, device, limits, entry.name, entry.origin)
         lines += ["", f"{entry.name} ({entry.origin}, {entry.build})", format_rows(rows)]
         del model
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -54,10 +54,7 @@ class SlotPlan:
     reason: str = ""  # why refill is off, if it is
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "slots": self.slots, "kv_budget_bytes": self.kv_budget_bytes,
-            "kv_bytes_per_token": self.kv_bytes_per_token, "refill": self.refill, "reason": self.reason,
-        }
+        return asdict(self)
 
 
 @dataclass

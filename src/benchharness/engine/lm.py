@@ -50,6 +50,7 @@ from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
 from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
+from benchharness.perf import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -509,8 +510,7 @@ class BenchEngineLM(TemplateLM):
             return self._kv_budget
         if self._device.type == "cuda":
             total = torch.cuda.get_device_properties(self._device).total_memory
-            weights = sum(p.numel() * p.element_size() for p in self._model.parameters())
-            return max(0, int((0.9 * total - weights) * 0.5))
+            return max(0, int((0.9 * total - weight_bytes(self._model)) * 0.5))
         return int(psutil.virtual_memory().total * 0.25)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
