@@ -111,3 +111,35 @@ def test_bad_inline_model_names_its_key(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"models\[0\]\.origin"):
         load_experiment(write_experiment(tmp_path, body))
+
+
+def test_set_overrides_any_key_and_changes_the_hash(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, GOOD)
+    base = load_experiment(path)
+    exp = load_experiment(path, Overrides(set=["inference.max_batch_tokens=2048", "suites.0.limit=5", "parity.requests=0",
+                                              "speed=null", "chat_template=true"]))
+    assert exp.inference.max_batch_tokens == 2048 and exp.inference.batch_size == 4  # siblings kept
+    assert exp.suites[0].limit == 5 and exp.suites[0].num_fewshot == 0
+    assert exp.parity.requests == 0 and exp.speed is None and exp.chat_template is True
+    assert exp.config_hash() != base.config_hash()
+    # a value that decides no result (parity) leaves the hash as it is, as in the file
+    assert load_experiment(path, Overrides(set=["parity.requests=3"])).config_hash() == base.config_hash()
+    # the command line's own CLI entry point reaches the same experiment
+    from benchharness.cli import build_parser
+    args = build_parser().parse_args(["run", str(path), "--set", "suites.0.limit=5", "--set", "seed=9"])
+    assert args.set == ["suites.0.limit=5", "seed=9"]
+
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("inference.batch_size=0", "inference.batch_size: "),            # validated like the file
+    ("inference.batch_sise=4", "inference.batch_sise: unknown key"),  # misspelt key
+    ("suites.3.limit=5", "is a list of 1; '3' is not an index"),
+    ("seed.x=1", "'seed' is 7, not a mapping or list"),
+    ("seed", "expected key.path=value"),
+])
+def test_set_errors_name_the_key_and_the_fix(tmp_path: Path, assignment: str, expected: str) -> None:
+    path = write_experiment(tmp_path, GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path, Overrides(set=[assignment]))
+    message = str(info.value)
+    assert expected in message and "Fix:" in message

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="folder for run folders (default: the config's output_dir)")
     run.add_argument("--engine", choices=["hf", "benchharness"], help="inference engine")
     run.add_argument("--batch-size", type=_batch, help="batch size or 'auto'")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="set any key of the experiment file, e.g. --set inference.max_batch_tokens=2048 --set suites.0.limit=5 (value read as YAML; repeatable)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR", help="finish an interrupted run: the newest unfinished run of this config, or RUN_DIR")
     run.add_argument(
         "--processes", type=int, metavar="N",
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("config", type=Path)
     speed.add_argument("--models", type=_csv, help="comma-separated catalog names, replacing the config's list")
     speed.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    speed.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="set any key of the experiment file (as for run)")
 
     verify = sub.add_parser("verify", help="re-check a run folder's files against its manifest")
     verify.add_argument("run", type=Path)
@@ -126,7 +129,7 @@ def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.runner import find_resumable, preflight, run_experiment
     from benchharness.yamlfile import validate
 
-    given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size", "set") if getattr(args, k) not in (None, [])}
     overrides = validate(Path("command line"), given, Overrides, prefix="--")
     experiment = load_experiment(args.config, overrides)
     resume = None
@@ -189,7 +192,7 @@ def cmd_speed(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.speed import run_speed_only
     from benchharness.yamlfile import validate
 
-    given = {k: getattr(args, k) for k in ("models", "device") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("models", "device", "set") if getattr(args, k) not in (None, [])}
     experiment = load_experiment(args.config, validate(Path("command line"), given, Overrides, prefix="--"))
     print(run_speed_only(experiment, cache_dir))
     return 0

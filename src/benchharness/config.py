@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchharness.catalog import Catalog, ModelEntry, load_catalog, normalise_sources, resolve_local_paths
@@ -126,12 +128,57 @@ class Overrides(_Strict):
     output: Path | None = None
     engine: Literal["hf", "benchharness"] | None = None
     batch_size: int | Literal["auto"] | None = None
+    # `--set key.path=value`: any key of the experiment file, applied to the file's content before
+    # it is validated (so a value is checked like one written in the file, and changes the hash).
+    set: list[str] = Field(default_factory=list)
+
+
+def apply_sets(path: Path, raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """A copy of the experiment file's mapping with each `key.path=value` applied in order.
+
+    The value is read as YAML (`5`, `true`, `null`, `[a, b]`, `{name: mmlu, limit: 5}`); a
+    numeric part of the key path indexes a list (`suites.0.limit=5`); a missing mapping key is created.
+    """
+    data = copy.deepcopy(raw)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"command line: --set {assignment!r}: expected key.path=value. Fix: e.g. --set inference.batch_size=8 or --set suites.0.limit=5.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"command line: --set {assignment!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. --set 'name=\"my run\"'.") from exc
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{path}: --set {key}: '{'.'.join(parts[:depth]) or '(top level)'}' is a list of {len(node)}; '{part}' is not an index in it. Fix: use 0 to {len(node) - 1}, or set the whole list.")
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{path}: --set {key}: '{'.'.join(parts[:depth])}' is {node!r}, not a mapping or list, so it has no key '{part}'. "
+                                  f"Fix: set '{'.'.join(parts[:depth])}' as a whole (a YAML mapping) instead.")
+    return data
 
 
 def load_experiment(path: Path, overrides: Overrides | None = None) -> Experiment:
     path = Path(path)
     raw = read_yaml_mapping(path, "experiment config")
-    spec = validate(path, raw, ExperimentFile)
+    if overrides is not None and overrides.set:
+        raw = apply_sets(path, raw, overrides.set)
+        spec = validate(Path(f"{path} (with --set {' '.join(overrides.set)})"), raw, ExperimentFile)
+    else:
+        spec = validate(path, raw, ExperimentFile)
     base = path.parent
     catalog_path = _relative_to(base, spec.catalog)
     tasks_dir = _relative_to(base, spec.tasks_dir)
