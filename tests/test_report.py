@@ -280,7 +280,15 @@ def test_ranking_marks_non_significant_differences(tmp_path: Path) -> None:
     # gemma (29/40) vs smol (10/40): 29 items only gemma right... computed by hand from the lists
     only_g = sum(g and not s for g, s in zip(near, far))
     only_s = sum(s and not g for g, s in zip(near, far))
-    assert rank.loc["smol-mini", "p_vs_above"] == pytest.approx(binomtest(only_g, only_g + only_s).pvalue)
+    raw = binomtest(only_g, only_g + only_s).pvalue
+    pair = data.pairs[(data.pairs["suite"] == "arc") & (data.pairs["entry_b"].str.startswith("smol-mini"))
+                      & (data.pairs["entry_a"].str.startswith("gemma-mini"))].iloc[0]
+    assert pair["p_value"] == pytest.approx(raw)
+    # the rank table shows the Holm-adjusted p over every pairwise test of the report
+    tests = data.pairs["p_value"].notna().sum()
+    assert tests >= 3 * 2  # three models, at least two suites
+    assert rank.loc["smol-mini", "p_vs_above"] == pytest.approx(pair["p_holm"])
+    assert raw < pair["p_holm"] <= min(1.0, tests * raw)
     md = write_run_report(run).read_text()
     arc = md.split("### arc", 1)[1].split("###", 1)[0]
     assert "| 2 (n.s.) | gemma-mini |" in arc and "| 3 | smol-mini |" in arc

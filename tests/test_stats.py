@@ -104,3 +104,13 @@ def test_paired_bootstrap_matches_t_test_on_noise() -> None:
 def test_paired_test_dispatches_on_binary_outcomes() -> None:
     assert paired_test([1, 0, 1], [0, 0, 1], seed=0).test == "mcnemar-exact"
     assert paired_test([0.5, 0.0, 1.0], [0.0, 0.0, 1.0], seed=0).test == "paired-bootstrap"
+
+
+def test_holm_adjustment_by_hand() -> None:
+    from benchharness.stats import holm_adjust
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.06, 0.04*1) = 0.06
+    adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005, float("nan")])
+    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(adjusted[4])  # not a test: not counted in the family either
+    assert holm_adjust([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert len(holm_adjust([])) == 0

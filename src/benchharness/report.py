@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from benchharness.errors import HarnessError
-from benchharness.stats import bootstrap_ci, mean_stderr, paired_test
+from benchharness.stats import bootstrap_ci, holm_adjust, mean_stderr, paired_test
 from benchharness.store import describe_status
 
 log = logging.getLogger(__name__)
@@ -492,9 +492,15 @@ def _pairs(summary: pd.DataFrame, scores: pd.DataFrame, suites: list[str], sampl
                 res = paired_test(joined["correct_a"].to_numpy(), joined["correct_b"].to_numpy(), seed=seed, n_boot=N_BOOT)
                 rows.append({"suite": suite, "entry_a": a, "entry_b": b, "n_items": res.n, "mean_a": res.mean_a,
                              "mean_b": res.mean_b, "diff": res.diff, "only_a": res.only_a, "only_b": res.only_b,
-                             "test": res.test, "p_value": res.p_value, "significant": bool(res.p_value < ALPHA)})
-    return pd.DataFrame(rows, columns=["suite", "entry_a", "entry_b", "n_items", "mean_a", "mean_b", "diff", "only_a",
-                                       "only_b", "test", "p_value", "significant"])
+                             "test": res.test, "p_value": res.p_value})
+    pairs = pd.DataFrame(rows, columns=["suite", "entry_a", "entry_b", "n_items", "mean_a", "mean_b", "diff", "only_a",
+                                        "only_b", "test", "p_value"])
+    # Every pairwise test of the report is one family: Holm's adjustment keeps the chance of any
+    # false "significant" among them at ALPHA. The raw p-value stays beside it.
+    pairs["p_holm"] = holm_adjust(pairs["p_value"].to_numpy(float)) if len(pairs) else pd.Series(dtype=float)
+    pairs["significant"] = pairs["p_holm"] < ALPHA
+    pairs["significant_uncorrected"] = pairs["p_value"] < ALPHA
+    return pairs
 
 
 def _pair_lookup(pairs: pd.DataFrame, suite: str, a: str, b: str) -> pd.Series | None:
@@ -522,7 +528,7 @@ def _rank(summary: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
                     p_above.append(float("nan"))
                     vs_above.append("not tested (no paired items)")
                 else:
-                    p_above.append(float(pair["p_value"]))
+                    p_above.append(float(pair["p_holm"]))
                     vs_above.append("significant" if pair["significant"] else "not significant")
             prev = entry
         group["p_vs_above"] = p_above
@@ -583,6 +589,8 @@ def _regression(scores: pd.DataFrame, suites: list[str], primary: dict[str, str]
     regression = pd.DataFrame(reg_rows, columns=[
         "model", "run_a", "run_b", "suite", "task", "metric", "value_a", "value_b", "delta", "n_paired",
         "right_to_wrong", "wrong_to_right", "prompt_changed", "p_value"])
+    # The regression tests are their own family (same model, consecutive runs), adjusted the same way.
+    regression["p_holm"] = holm_adjust(regression["p_value"].to_numpy(float)) if len(regression) else pd.Series(dtype=float)
     flips = pd.concat(flip_frames, ignore_index=True) if flip_frames else pd.DataFrame(columns=[
         "model", "run_a", "run_b", "suite", "task", "doc_id", "subject", "target", "pred_a", "pred_b", "correct_a",
         "correct_b", "prompt_changed"])
@@ -717,7 +725,7 @@ def table_ranking(data: ReportData, suite: str) -> pd.DataFrame:
         rows.append({"rank": str(r["rank"]) + (" (n.s.)" if mark == "not significant" else ""), "model": r["entry"],
                      "origin": r["origin"], "score": _fmt_score(r["value"], pct),
                      "stderr": _fmt_score(r["stderr"], pct), "95% CI": ci, "n": _fmt_num(r["n"], 0),
-                     "p vs. above": _fmt_p(r["p_vs_above"]), "difference to the one above": mark})
+                     "p vs. above (Holm)": _fmt_p(r["p_vs_above"]), "difference to the one above": mark})
     return pd.DataFrame(rows)
 
 
@@ -730,8 +738,8 @@ def table_pairs(data: ReportData) -> pd.DataFrame:
                      "A − B": _fmt_score(r["diff"], pct),
                      "only A right": int(r["only_a"]) if r["test"] == "mcnemar-exact" else "",
                      "only B right": int(r["only_b"]) if r["test"] == "mcnemar-exact" else "",
-                     "test": r["test"], "p": _fmt_p(r["p_value"]),
-                     "significant (p<0.05)": "yes" if r["significant"] else "no"})
+                     "test": r["test"], "p": _fmt_p(r["p_value"]), "p (Holm)": _fmt_p(r["p_holm"]),
+                     "significant (Holm p<0.05)": "yes" if r["significant"] else "no"})
     return pd.DataFrame(rows)
 
 
@@ -883,7 +891,8 @@ def table_regression(data: ReportData) -> pd.DataFrame | None:
                      "A": _fmt_score(r["value_a"], pct), "B": _fmt_score(r["value_b"], pct),
                      "delta": ("+" if r["delta"] > 0 else "") + _fmt_score(r["delta"], pct),
                      "right→wrong": _fmt_num(r["right_to_wrong"], 0), "wrong→right": _fmt_num(r["wrong_to_right"], 0),
-                     "p": _fmt_p(r["p_value"]), "prompt changed": _fmt_num(r["prompt_changed"], 0),
+                     "p": _fmt_p(r["p_value"]), "p (Holm)": _fmt_p(r["p_holm"]),
+                     "prompt changed": _fmt_num(r["prompt_changed"], 0),
                      "flipped doc_ids": shown})
     return pd.DataFrame(rows)
 
@@ -952,12 +961,16 @@ def _sections(data: ReportData) -> list[Section]:
     sections.append(Section(
         "Ranking per suite",
         f"95% confidence intervals are percentile bootstraps over items ({N_BOOT} resamples, seed {data.seed}) "
-        "unless scores.csv already carried them. `p vs. above` is a paired test (exact McNemar on right/wrong items, "
-        "else a paired bootstrap) against the model ranked just above on the same items; a difference with p ≥ 0.05 "
-        "is marked `(n.s.)`. No correction for multiple comparisons is applied.",
+        "unless scores.csv already carried them. `p vs. above (Holm)` is a paired test (exact McNemar on right/wrong items, "
+        "else a paired bootstrap) against the model ranked just above on the same items, Holm-adjusted over all "
+        f"{len(data.pairs)} pairwise tests of this report (see Paired comparisons); a difference with adjusted p ≥ 0.05 "
+        "is marked `(n.s.)`.",
         [(s, table_ranking(data, s)) for s in data.suites]))
     if not data.pairs.empty:
-        sections.append(Section("Paired comparisons", "Every two models with per-item results on the same items.",
+        sections.append(Section("Paired comparisons", "Every two models with per-item results on the same items. "
+                                f"`p` is each test's own p-value; `p (Holm)` is adjusted for the {len(data.pairs)} tests of "
+                                "this table taken together (Holm's step-down method), so `significant` holds for the family: "
+                                "the chance that any of them is a false positive is at most 5%.",
                                 [("", table_pairs(data))]))
     reg = table_regression(data)
     if reg is not None:
@@ -965,7 +978,8 @@ def _sections(data: ReportData) -> list[Section]:
             "Regression: the same model across runs",
             "Consecutive runs of the same model side by side (B is the newer run). `right→wrong` / `wrong→right` count "
             "items whose answer flipped; `prompt changed` counts paired items whose prompt hash differs; p is a paired "
-            "test on the flips. Every flipped item is in flips.csv.",
+            "test on the flips, `p (Holm)` the same adjusted over this table's "
+            f"{int(data.regression['p_value'].notna().sum())} tests. Every flipped item is in flips.csv.",
             [("", reg)]))
     sections.append(Section("Models", "Where each model's weights came from and how it ran.", [("", table_models(data))]))
     probe = table_probe(data)
