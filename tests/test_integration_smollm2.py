@@ -48,6 +48,10 @@ def test_harness_matches_lm_eval_cli_on_smollm2(tmp_path: Path) -> None:
         assert mine["loglikelihoods"] == pytest.approx(ref_lls, abs=1e-4)
         assert mine["correct"] == bool(ref["acc"])
         assert mine["prompt_hash"] == ref["prompt_hash"]
+        # the prompt text and answers are lm-eval's own request arguments
+        ref_args = [ref["arguments"][f"gen_args_{i}"] for i in range(len(ref["arguments"]))]
+        assert mine["prompt"] == ref_args[0]["arg_0"]
+        assert mine["continuations"] == [a["arg_1"] for a in ref_args]
 
     (results_file,) = list(out.rglob("results_*.json"))
     ref_acc = json.loads(results_file.read_text())["results"]["bh_mmlu"]["acc,none"]

@@ -47,9 +47,13 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     samples = read_jsonl(run / "samples" / "tiny-llama" / "bh_mmlu.jsonl")
     assert [s["doc_id"] for s in samples] == list(range(6))
     assert len({s["subject"] for s in samples}) == 6  # stratified: six different subjects
+    from lm_eval.utils import hash_string
     for s in samples:
         assert len(s["loglikelihoods"]) == 4
         assert s["correct"] == (s["pred"] == s["target"])
+        # the text the model was given, beside lm-eval's hash of it, and the four answers scored
+        assert hash_string(s["prompt"]) == s["prompt_hash"] and s["prompt"].rstrip().endswith("Answer:")
+        assert len(s["continuations"]) == 4 and s["continuations"][0].strip() == "A"
 
     scores = pd.read_csv(run / "scores.csv")
     acc = scores[(scores.metric == "acc")].iloc[0]
@@ -102,6 +106,15 @@ def test_same_config_twice_gives_identical_samples(tmp_path: Path, tiny_model_di
     (b,) = list((tmp_path / "b" / "cfg" / "runs").iterdir())
     assert read_jsonl(a / "samples/tiny-llama/bh_mmlu.jsonl") == read_jsonl(b / "samples/tiny-llama/bh_mmlu.jsonl")
     assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()
+
+    # Prompt text off (private data): the same run otherwise, the same config hash, hashes kept.
+    assert _run(tmp_path / "c", BODY, catalog, "--set", "log_prompts=false")[0] == 0
+    (c,) = list((tmp_path / "c" / "cfg" / "runs").iterdir())
+    assert c.name.split("-")[-1] == a.name.split("-")[-1]
+    private = read_jsonl(c / "samples/tiny-llama/bh_mmlu.jsonl")
+    assert all("prompt" not in s and "continuations" not in s and s["prompt_hash"] for s in private)
+    assert private == [{k: v for k, v in s.items() if k not in ("prompt", "continuations")}
+                       for s in read_jsonl(a / "samples/tiny-llama/bh_mmlu.jsonl")]
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,7 @@ class ExperimentFile(_Strict):
     include_paths: list[Path] = Field(default_factory=list, description="more folders of lm-eval task YAMLs")
     data_sources: dict[str, Path] = Field(default_factory=dict, description="suite or data name -> local folder of its raw data")
     chat_template: bool = Field(default=False, description="evaluate instruction-tuned models through their chat template")
+    log_prompts: bool = Field(default=True, description="keep each item's prompt text in samples/*.jsonl (false for private data)")
     models: list[str | dict[str, Any]] = Field(min_length=1)
     suites: list[str | SuiteSpec] = Field(min_length=1)
     engine: Literal["hf", "benchharness"] = "benchharness"
@@ -92,6 +93,7 @@ class Experiment(_Strict):
     data_sources: dict[str, Path]
     chat_template: bool
     models: list[ModelEntry]
+    log_prompts: bool = True
     suites: list[SuiteSpec]
     engine: Literal["hf", "benchharness"]
     inference: InferenceSpec
@@ -105,10 +107,11 @@ class Experiment(_Strict):
         """The content that decides results (paths of this machine left out), for hashing and the manifest.
 
         `parallel` only says how processes share the work (results are the same), and `parity` how
-        many of the engine's answers are re-checked (the scores are the same), so both are left out;
+        many of the engine's answers are re-checked (the scores are the same), and `log_prompts` only
+        whether prompt text is kept beside the hashes, so these are left out;
         `inference.device_map` only when unset, so configs written before it keep their hash.
         """
-        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel", "parity"})
+        data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel", "parity", "log_prompts"})
         if data["inference"].get("device_map") is None:
             data["inference"].pop("device_map", None)
         return data
@@ -221,6 +224,7 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         include_paths=include_paths,
         data_sources={name: _relative_to(base, folder) for name, folder in spec.data_sources.items()},
         chat_template=spec.chat_template,
+        log_prompts=spec.log_prompts,
         models=models,
         suites=suites,
         engine=overrides.engine or spec.engine,

@@ -460,7 +460,7 @@ def _evaluate_model(
         update = ModelUpdate(entry.name, speed_rows=load_rows, info=model_info, completed_suite=item.spec.name)
         load_rows, model_info = [], {}
         for task_name, samples in results["samples"].items():
-            records = [sample_record(s) for s in samples]
+            records = [sample_record(s, with_prompt=experiment.log_prompts) for s in samples]
             update.samples.append((task_name, records))
             update.score_rows.extend(score_rows_for(entry, item.spec.name, task_name, results["results"][task_name], records, experiment.seed))
             update.score_rows.extend(macro_rows(entry, item.spec.name, task_name, records))
@@ -693,8 +693,14 @@ def _simple_evaluate(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, see
     )
 
 
-def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
-    """One line of samples/<model>/<task>.jsonl from an lm-eval sample."""
+def sample_record(sample: dict[str, Any], with_prompt: bool = True) -> dict[str, Any]:
+    """One line of samples/<model>/<task>.jsonl from an lm-eval sample.
+
+    With `with_prompt`, the text the model was given is kept beside its hash, as lm-eval's
+    `--log_samples` keeps it: `prompt` (the rendered context, chat template applied where it
+    was), `continuations` (the answers scored, for loglikelihood requests); `prompts` where one
+    document's requests had different contexts. Off (`log_prompts: false`) for private data.
+    """
     doc = sample.get("doc", {})
     metrics = {m: sample[m] for m in sample.get("metrics", []) if m in sample}
     record: dict[str, Any] = {
@@ -714,11 +720,29 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     else:
         record["response"] = filtered[0] if filtered else None
         record["pred"] = record["response"]
+    if with_prompt:
+        record.update(prompt_text(sample.get("arguments") or []))
     primary = "acc" if "acc" in metrics else next(iter(metrics), None)
     # Right or wrong only for per-item scores; perplexities log (loglikelihood, length) pairs.
     value = metrics.get(primary) if primary is not None else None
     record["correct"] = bool(value >= 1.0) if isinstance(value, (int, float)) else None
     return record
+
+
+def prompt_text(arguments: list[Any]) -> dict[str, Any]:
+    """The prompt fields of a sample record from its requests' arguments: (context, continuation)
+    for loglikelihood, (context, generation settings) for generation, (text,) for rolling."""
+    contexts = [str(a[0]) for a in arguments if isinstance(a, (list, tuple)) and a]
+    out: dict[str, Any] = {}
+    if contexts:
+        if all(c == contexts[0] for c in contexts):
+            out["prompt"] = contexts[0]
+        else:
+            out["prompts"] = contexts
+    continuations = [a[1] for a in arguments if isinstance(a, (list, tuple)) and len(a) > 1 and isinstance(a[1], str)]
+    if continuations:
+        out["continuations"] = continuations
+    return out
 
 
 def score_rows_for(
