@@ -54,6 +54,14 @@ def test_harness_matches_lm_eval_cli_on_smollm2(tmp_path: Path) -> None:
         assert mine["continuations"] == [a["arg_1"] for a in ref_args]
 
     (results_file,) = list(out.rglob("results_*.json"))
-    ref_acc = json.loads(results_file.read_text())["results"]["bh_mmlu"]["acc,none"]
+    theirs_json = json.loads(results_file.read_text())
+    ref_acc = theirs_json["results"]["bh_mmlu"]["acc,none"]
+    # the run's lm-eval-format results file reads as lm-eval's own does
+    (mine_file,) = list((run / "lm_eval").rglob("results_*.json"))
+    mine_json = json.loads(mine_file.read_text())
+    assert mine_json["results"]["bh_mmlu"]["acc,none"] == pytest.approx(ref_acc)
+    assert mine_json["task_hashes"] == theirs_json["task_hashes"]  # the same documents, prompts and targets
+    for key in ("n-shot", "versions", "n-samples", "higher_is_better", "group_subtasks"):
+        assert mine_json[key] == theirs_json[key], key
     scores = pd.read_csv(run / "scores.csv")
     assert scores.loc[scores.metric == "acc", "value"].item() == pytest.approx(ref_acc)

@@ -74,6 +74,17 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert (run / "report.md").is_file()
     assert main(["verify", str(run)]) == 0
 
+    # lm-eval's own results format, where lm-eval's --output_path would put it, read by lm-eval's helpers
+    from lm_eval.utils import get_latest_filename, get_results_filenames, make_table
+    files = [str(p) for p in run.rglob("*.json") if p.name != "manifest.json"]
+    latest = Path(get_latest_filename(get_results_filenames(files)))
+    assert latest.parent == run / "lm_eval" / "tiny-llama" and str(latest.relative_to(run)) in manifest["files"]
+    theirs = json.loads(latest.read_text())
+    assert theirs["results"]["bh_mmlu"]["acc,none"] == pytest.approx(acc.value)
+    assert theirs["n-samples"]["bh_mmlu"]["effective"] == 6 and theirs["model_name"] == "tiny-llama"
+    assert len(theirs["task_hashes"]["bh_mmlu"]) == 64 and "bh_mmlu" in theirs["configs"]
+    assert "bh_mmlu" in make_table(theirs)
+
 
 def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:
     serve = "serve: {requests: 4, prompt_len: 6, new_tokens: [2, 5], concurrency: [1, 4]}"
@@ -95,6 +106,9 @@ def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: 
     assert (serving.ttft_s <= serving.ttft_p99_s).all() and (serving.latency_p50_ms > 0).all()
     probe = (run / "report.md").read_text().split("## Speed probe", 1)[1].split("\n## ", 1)[0]
     assert len(re.findall(r"\|\s*serve\s*\|", probe)) == 2
+    # both suites merged into the model's one lm-eval results file
+    (results_json,) = list((run / "lm_eval" / "tiny-llama").glob("results_*.json"))
+    assert set(json.loads(results_json.read_text())["results"]) == {"bh_mmlu", "bh_gsm8k_cot_zeroshot"}
     assert main(["verify", str(run)]) == 0
 
 

@@ -30,6 +30,9 @@ from benchharness.data import SUITES, check_task_data_offline, prepare_suite, re
 from benchharness.distributed import DistContext, check_parallel, main_first, on_main
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
 from benchharness.errors import HarnessError
+from benchharness.lm_eval_results import merge as merge_lm_eval
+from benchharness.lm_eval_results import render as render_lm_eval
+from benchharness.lm_eval_results import results_file, suite_payload
 from benchharness.manifest import fingerprint_sha256, initial_manifest, initial_parity
 from benchharness.metered import MeteredLM
 from benchharness.scoring import macro_average, subject_scores
@@ -38,7 +41,7 @@ from benchharness.perf import (
     run_speed_probe,
 )
 from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
-from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, run_process
+from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, atomic_write_text, run_process
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class ModelUpdate:
     info: dict[str, Any] = field(default_factory=dict)  # keys of manifest models.<name>
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest tasks.<task>
     completed_suite: str | None = None
+    lm_eval_results: dict[str, Any] | None = None  # the suite's results in lm-eval's format (JSON-safe)
 
 
 # Keys of manifest models.<name> that hold one value per task: an update adds to them.
@@ -350,6 +354,11 @@ def _commit(store: RunStore, manifest: dict[str, Any], update: ModelUpdate, scor
         manifest["tasks"][task] = task_info
         manifest["fingerprint"]["prompt_hashes"][task] = task_info["prompt_hash"]
         manifest["completed"].append([update.model, task])
+    if update.lm_eval_results is not None:
+        path = results_file(store.folder, update.model, manifest["volatile"]["started"])
+        written = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        atomic_write_text(path, render_lm_eval(merge_lm_eval(written, update.lm_eval_results)))
+        _record_file(store, manifest, path)
     if update.completed_suite is not None:
         manifest["completed_suites"].append([update.model, update.completed_suite])
         _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
@@ -483,6 +492,7 @@ def _evaluate_model(
         update.info["batch"] = batch_info(experiment, lm)
         update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits, decode_bytes))
         update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
+        update.lm_eval_results = suite_payload(results, entry.name, experiment.engine, chat, wall)
         # Requests answered by the model now (every rank; lm-eval pads short ranks with repeats),
         # and from the request cache of an interrupted attempt.
         total = sum(len(s["arguments"]) for samples in results["samples"].values() for s in samples)
