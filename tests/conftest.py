@@ -74,3 +74,8 @@ def tiny_catalog(model_dir: Path) -> str:
 def read_jsonl(path: Path) -> list[dict]:
     # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON strings may hold.
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def run_folders(output_dir: Path) -> list[Path]:
+    """The run folders in an output folder (beside them: runs.sqlite, the results store)."""
+    return sorted(p for p in output_dir.iterdir() if p.is_dir())

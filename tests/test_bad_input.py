@@ -12,7 +12,7 @@ import pytest
 
 from benchharness import store
 from benchharness.cli import main
-from conftest import tiny_catalog, write_experiment
+from conftest import tiny_catalog, write_experiment, run_folders
 
 BODY = """
 name: bad
@@ -45,7 +45,7 @@ def test_full_disk_mid_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch: py
     err = capsys.readouterr().err
     assert code == 2
     assert "could not write" in err and "bh_mmlu.jsonl" in err and "No space left on device" in err and "--resume" in err
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["completed"] == []
     leftovers = [p.name for p in run.rglob("*") if p.is_file() and p.suffix in {".jsonl", ".csv", ".tmp"}]

@@ -14,7 +14,7 @@ import pytest
 from benchharness.cli import main
 from benchharness.distributed import strip_processes
 from benchharness.metered import merge_in_doc_order
-from conftest import build_tiny_model, read_jsonl, tiny_catalog, write_experiment
+from conftest import build_tiny_model, read_jsonl, tiny_catalog, write_experiment, run_folders
 
 BODY = """
 name: tiny-dp
@@ -41,7 +41,7 @@ def two_model_catalog(a: Path, b: Path) -> str:
 def run_cli(folder: Path, body: str, catalog: str, *extra: str) -> Path:
     config = write_experiment(folder / "cfg", body, catalog)
     assert main(["--cache", str(folder.parent / "cache"), "run", str(config), *extra]) == 0
-    (run,) = list((folder / "cfg" / "runs").iterdir())  # one run folder, however many processes
+    (run,) = run_folders(folder / "cfg" / "runs")  # one run folder, however many processes
     return run
 
 
@@ -53,7 +53,7 @@ def run_accelerate(folder: Path, body: str, catalog: str) -> Path:
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "benchharness", "--cache", str(folder.parent / "cache"), "run", str(config)],
         check=True, timeout=600,
     )
-    (run,) = list((folder / "cfg" / "runs").iterdir())
+    (run,) = run_folders(folder / "cfg" / "runs")
     return run
 
 

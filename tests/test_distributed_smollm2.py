@@ -11,7 +11,7 @@ import pytest
 
 from benchharness.cli import main
 from benchharness.data import default_cache_dir
-from conftest import REPO, read_jsonl, write_experiment
+from conftest import REPO, read_jsonl, write_experiment, run_folders
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ speed: {{batch: 1, prompt_len: 16, new_tokens: 4, warmup: 1, min_reps: 2, min_se
 def _run(config: Path, output: Path, *extra: str) -> Path:
     code = main(["--cache", str(default_cache_dir()), "run", str(config), "--output", str(output), *extra])
     assert code == 0
-    (run,) = list(output.iterdir())
+    (run,) = run_folders(output)
     return run
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from benchharness.cli import main
 from benchharness.data import default_cache_dir
-from conftest import REPO, read_jsonl
+from conftest import REPO, read_jsonl, run_folders
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_harness_matches_lm_eval_cli_on_smollm2(tmp_path: Path) -> None:
         "--models", "smollm2-135m-instruct-q41", "--limit", str(LIMIT), "--output", str(tmp_path / "runs"), "--engine", "hf",
     ])
     assert code == 0
-    (run,) = list((tmp_path / "runs").iterdir())
+    (run,) = run_folders(tmp_path / "runs")
     manifest = json.loads((run / "manifest.json").read_text())
     model_dir = Path(next(cache.glob("models/smollm2-135m-instruct-q41-*")))
     assert manifest["models"]["smollm2-135m-instruct-q41"]["weights_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -13,7 +13,7 @@ import pytest
 from benchharness.certificate import sample_documents
 from benchharness.cli import PARITY_FAILED, main
 from benchharness.verify import verify_run
-from conftest import tiny_catalog, write_experiment
+from conftest import tiny_catalog, write_experiment, run_folders
 
 BODY = """
 name: certified
@@ -63,7 +63,7 @@ def _run(tmp_path: Path, tiny_model_dir: Path, cache: Path, engine: str = "bench
     body = BODY.format(engine=engine, requests=requests, tasks=_rolling_task(tmp_path))
     config = write_experiment(tmp_path / "cfg", body, tiny_catalog(tiny_model_dir))
     code = main(["--cache", str(cache), "run", str(config)])
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     return code, run
 
 
@@ -168,7 +168,7 @@ def test_data_parallel_run_certifies_the_same_documents(tmp_path: Path, tiny_mod
     body = BODY.format(engine="benchharness", requests=16, tasks=_rolling_task(tmp_path))
     config = write_experiment(tmp_path / "cfg", body, tiny_catalog(tiny_model_dir))
     assert main(["--cache", str(cache), "run", str(config), "--processes", "2"]) == 0
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["distributed"]["world_size"] == 2
     records = manifest["models"]["tiny-llama"]["parity"]

@@ -26,7 +26,7 @@ import pytest
 
 from benchharness.cli import main
 from benchharness.verify import verify_run
-from conftest import read_jsonl, tiny_catalog, write_experiment
+from conftest import read_jsonl, tiny_catalog, write_experiment, run_folders
 
 LIMIT = 3
 # For the tests that only need a finished run.
@@ -141,7 +141,7 @@ def test_sigkill_is_reported_killed_and_resumes_to_the_uninterrupted_results(
     proc = _start_held(config, tmp_path / "cache", hold)
     try:
         _wait_until_held(proc, hold)
-        (run,) = list((config.parent / "runs").iterdir())
+        (run,) = run_folders(config.parent / "runs")
         before = json.loads((run / "manifest.json").read_text())
         # The first suite is written and certified; the second is answered but not written.
         assert before["status"] == "running" and before["completed_suites"] == [["tiny-llama", "mmlu"]]
@@ -176,7 +176,7 @@ def test_sigkill_is_reported_killed_and_resumes_to_the_uninterrupted_results(
 
     straight_config = _held_experiment(tmp_path / "straight", tiny_model_dir, suites)
     assert main(["--cache", str(tmp_path / "cache"), "run", str(straight_config)]) == 0
-    (straight,) = list((straight_config.parent / "runs").iterdir())
+    (straight,) = run_folders(straight_config.parent / "runs")
     for task in ("bh_mmlu", "held_mc"):
         resumed_samples = read_jsonl(run / f"samples/tiny-llama/{task}.jsonl")
         straight_samples = read_jsonl(straight / f"samples/tiny-llama/{task}.jsonl")
@@ -195,7 +195,7 @@ def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path, c
     proc = _start_held(config, tmp_path / "cache", hold)
     try:
         _wait_until_held(proc, hold)
-        (run,) = list((config.parent / "runs").iterdir())
+        (run,) = run_folders(config.parent / "runs")
         # While its process lives the run reads as running, and no second process may resume it.
         assert any(f"running (process {proc.pid})" in line for line in verify_run(run))
         assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume"]) == 2
@@ -223,7 +223,7 @@ def test_resume_refuses_another_config(tmp_path: Path, tiny_model_dir: Path, cap
     catalog = tiny_catalog(tiny_model_dir)
     config = write_experiment(tmp_path, BODY.replace(f"limit: {LIMIT}", "limit: 3"), catalog)
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config)]) == 0
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     code = main(["--cache", str(tmp_path / "cache"), "run", str(config), "--limit", "4", "--resume", str(run)])
     assert code == 2 and "config hash" in capsys.readouterr().err
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume", str(run)]) == 2
@@ -233,7 +233,7 @@ def test_resume_refuses_another_config(tmp_path: Path, tiny_model_dir: Path, cap
 def test_verify_reports_a_changed_file(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_experiment(tmp_path, BODY.replace(f"limit: {LIMIT}", "limit: 3"), tiny_catalog(tiny_model_dir))
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config)]) == 0
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     samples = run / "samples/tiny-llama/bh_mmlu.jsonl"
     samples.write_text(samples.read_text().replace('"correct": false', '"correct": true', 1))
     assert main(["verify", str(run)]) == 1

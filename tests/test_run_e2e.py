@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from benchharness.cli import main
-from conftest import read_jsonl, tiny_catalog, write_experiment
+from conftest import read_jsonl, tiny_catalog, write_experiment, run_folders
 
 BODY = """
 name: tiny
@@ -36,7 +36,7 @@ def _run(tmp_path: Path, body: str, catalog: str, *extra: str) -> tuple[int, Pat
 def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -> None:
     code, runs = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir))
     assert code == 0
-    (run,) = list(runs.iterdir())
+    (run,) = run_folders(runs)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["completed"] == [["tiny-llama", "bh_mmlu"]]
@@ -85,6 +85,14 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert len(theirs["task_hashes"]["bh_mmlu"]) == 64 and "bh_mmlu" in theirs["configs"]
     assert "bh_mmlu" in make_table(theirs)
 
+    # the finished run joined the results store beside it, with its protocol on every score
+    from benchharness.results_db import query
+    stored = query("SELECT * FROM scores", runs / "runs.sqlite")
+    assert len(stored) == len(scores) and set(stored["run_id"]) == {run.name}
+    assert "0-shot, no chat template, acc" in set(stored["protocol"])
+    assert all(p.startswith("0-shot, no chat template, acc") for p in stored["protocol"])
+    assert query("SELECT count(*) AS n FROM samples", runs / "runs.sqlite")["n"].item() == 6
+
 
 def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:
     serve = "serve: {requests: 4, prompt_len: 6, new_tokens: [2, 5], concurrency: [1, 4]}"
@@ -95,7 +103,7 @@ def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: 
     )
     code, runs = _run(tmp_path, body, tiny_catalog(tiny_model_dir))
     assert code == 0
-    (run,) = list(runs.iterdir())
+    (run,) = run_folders(runs)
     speed = pd.read_csv(run / "throughput.csv")
     # Generation's decode steps: their bytes (weights + cached keys and values) against the in-run bandwidth.
     generated = speed[speed.phase == "eval_generate"].iloc[0]
@@ -116,14 +124,14 @@ def test_same_config_twice_gives_identical_samples(tmp_path: Path, tiny_model_di
     catalog = tiny_catalog(tiny_model_dir)
     assert _run(tmp_path / "a", BODY, catalog)[0] == 0
     assert _run(tmp_path / "b", BODY, catalog)[0] == 0
-    (a,) = list((tmp_path / "a" / "cfg" / "runs").iterdir())
-    (b,) = list((tmp_path / "b" / "cfg" / "runs").iterdir())
+    (a,) = run_folders(tmp_path / "a" / "cfg" / "runs")
+    (b,) = run_folders(tmp_path / "b" / "cfg" / "runs")
     assert read_jsonl(a / "samples/tiny-llama/bh_mmlu.jsonl") == read_jsonl(b / "samples/tiny-llama/bh_mmlu.jsonl")
     assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()
 
     # Prompt text off (private data): the same run otherwise, the same config hash, hashes kept.
     assert _run(tmp_path / "c", BODY, catalog, "--set", "log_prompts=false")[0] == 0
-    (c,) = list((tmp_path / "c" / "cfg" / "runs").iterdir())
+    (c,) = run_folders(tmp_path / "c" / "cfg" / "runs")
     assert c.name.split("-")[-1] == a.name.split("-")[-1]
     private = read_jsonl(c / "samples/tiny-llama/bh_mmlu.jsonl")
     assert all("prompt" not in s and "continuations" not in s and s["prompt_hash"] for s in private)
@@ -177,8 +185,8 @@ def test_engines_agree_on_the_tiny_run(tmp_path: Path, tiny_model_dir: Path) -> 
     catalog = tiny_catalog(tiny_model_dir)
     assert _run(tmp_path / "hf", BODY, catalog)[0] == 0
     assert _run(tmp_path / "bh", BODY.replace("engine: hf", "engine: benchharness").replace("batch_size: 4", "batch_size: auto"), catalog)[0] == 0
-    (hf,) = list((tmp_path / "hf" / "cfg" / "runs").iterdir())
-    (bh,) = list((tmp_path / "bh" / "cfg" / "runs").iterdir())
+    (hf,) = run_folders(tmp_path / "hf" / "cfg" / "runs")
+    (bh,) = run_folders(tmp_path / "bh" / "cfg" / "runs")
     ref = read_jsonl(hf / "samples/tiny-llama/bh_mmlu.jsonl")
     ours = read_jsonl(bh / "samples/tiny-llama/bh_mmlu.jsonl")
     assert [s["pred"] for s in ours] == [s["pred"] for s in ref]

@@ -11,7 +11,7 @@ import pytest
 from benchharness.data import SUITES, check_task_data_offline, get_suite, prepare_suite, render_tasks
 from benchharness.errors import DataError
 from benchharness.suites import cmmlu, eu_exams, task_yamls
-from conftest import REPO, SHARED_DATA, read_jsonl, tiny_catalog, write_experiment
+from conftest import REPO, SHARED_DATA, read_jsonl, tiny_catalog, write_experiment, run_folders
 
 CMMLU_DIR = SHARED_DATA / "cmmlu"
 needs_cmmlu = pytest.mark.skipif(not CMMLU_DIR.is_dir(), reason=f"CMMLU not at {CMMLU_DIR}")
@@ -153,7 +153,7 @@ def test_tiny_model_runs_new_suites(tmp_path: Path, tiny_model_dir: Path, monkey
     """
     config = write_experiment(tmp_path / "cfg", body, tiny_catalog(tiny_model_dir))
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config)]) == 0
-    (run,) = list((tmp_path / "cfg" / "runs").iterdir())
+    (run,) = run_folders(tmp_path / "cfg" / "runs")
     manifest = json.loads((run / "manifest.json").read_text())
     done = {task for _, task in manifest["completed"]}
     assert {"bh_mmlu_cloze", "bh_cmmlu_agronomy", "bh_eu_exams_cloze_de", "bh_gsm8k_cot_zeroshot", "bh_humaneval"} <= done

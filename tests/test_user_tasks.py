@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchharness.cli import main
-from conftest import read_jsonl, tiny_catalog, write_experiment
+from conftest import read_jsonl, tiny_catalog, write_experiment, run_folders
 
 BODY = """
 name: user
@@ -43,7 +43,7 @@ def test_task_from_an_include_path(tmp_path: Path, tiny_model_dir: Path) -> None
     """))
     config = write_experiment(tmp_path, BODY.format(suite="my_capitals") + f"include_paths: [{tasks}]\n", tiny_catalog(tiny_model_dir))
     assert main(["--cache", str(tmp_path / "cache"), "run", str(config)]) == 0
-    (run,) = list((config.parent / "runs").iterdir())
+    (run,) = run_folders(config.parent / "runs")
     samples = read_jsonl(run / "samples/tiny-llama/my_capitals.jsonl")
     assert [s["target"] for s in samples] == [0, 1, 0]
     manifest = json.loads((run / "manifest.json").read_text())
@@ -78,7 +78,7 @@ def test_chat_template_switch(tmp_path: Path, tiny_model_dir: Path) -> None:
     for switch in (False, True):
         cfg = write_experiment(tmp_path / str(switch), BODY.format(suite="mmlu") + f"chat_template: {str(switch).lower()}\n", catalog)
         assert main(["--cache", str(tmp_path / "cache"), "run", str(cfg)]) == 0
-        (run,) = list((cfg.parent / "runs").iterdir())
+        (run,) = run_folders(cfg.parent / "runs")
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["models"]["tiny-llama"]["chat_template"] is switch
         hashes[switch] = [s["prompt_hash"] for s in read_jsonl(run / "samples/tiny-llama/bh_mmlu.jsonl")]

@@ -1,4 +1,4 @@
-"""Command line: benchharness run | report | speed | verify | models | suites | prepare | fetch | lm-eval."""
+"""Command line: benchharness run | report | speed | verify | index | query | leaderboard | models | suites | prepare | fetch | lm-eval."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from benchharness.errors import HarnessError
 log = logging.getLogger("benchharness")
 
 DEFAULT_CATALOG = Path("configs/models.yaml")
+DEFAULT_STORE = Path("results/runs.sqlite")
 # Exit status of a run that finished but whose parity certificate failed (2: bad input, 130: Ctrl-C).
 PARITY_FAILED = 3
 
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.md (and more) for one or several run folders")
     report.add_argument("runs", type=Path, nargs="+")
     report.add_argument("--output", type=Path, help="folder for the merged report")
+
+    index = sub.add_parser("index", help="add finished run folders to the results store (results/runs.sqlite)")
+    index.add_argument("runs", type=Path, nargs="+")
+    index.add_argument("--store", type=Path, help="the store file (default: runs.sqlite beside the first run folder)")
+
+    query = sub.add_parser("query", help="answer an SQL query from the results store (read-only)")
+    query.add_argument("sql", help="e.g. \"SELECT model, suite, value FROM scores WHERE origin = 'CN' AND task = suite\"")
+    query.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"the store file (default {DEFAULT_STORE})")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    board = sub.add_parser("leaderboard", help="write a self-contained leaderboard page over the results store")
+    board.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"the store file (default {DEFAULT_STORE})")
+    board.add_argument("--output", type=Path, help="folder for leaderboard.html (default: leaderboard/ beside the store)")
 
     models = sub.add_parser("models", help="list the catalog with origin and availability here")
     models.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
@@ -222,6 +236,41 @@ def cmd_report(args: argparse.Namespace, cache_dir: Path) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.results_db import default_store, index_runs
+
+    store = args.store or default_store(Path(args.runs[0]).resolve().parent)
+    done, refused = index_runs(args.runs, store)
+    for item in done:
+        print(f"{item.run_id}: {item.scores} score rows, {item.samples} samples -> {store}")
+    for line in refused:
+        print(f"benchharness: {line}", file=sys.stderr)
+    return 1 if refused else 0
+
+
+def cmd_query(args: argparse.Namespace, cache_dir: Path) -> int:
+    import pandas as pd
+
+    from benchharness.results_db import query
+
+    frame = query(args.sql, args.store)
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(frame.to_json(orient="records", force_ascii=False))
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
+            print(frame.to_string(index=False) if len(frame) else "(no rows)")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace, cache_dir: Path) -> int:
+    from benchharness.leaderboard import write_leaderboard
+
+    print(write_leaderboard(args.store, args.output))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.catalog import load_catalog
     from benchharness.sources import availability
@@ -295,4 +344,7 @@ COMMANDS = {
     "speed": cmd_speed,
     "verify": cmd_verify,
     "lm-eval": cmd_lm_eval,
+    "index": cmd_index,
+    "query": cmd_query,
+    "leaderboard": cmd_leaderboard,
 }

@@ -271,7 +271,7 @@ def _metric_base(metric: str) -> str:
     return str(metric).split(",")[0]
 
 
-def _choose_primary(metrics: pd.Series) -> str:
+def choose_primary(metrics: pd.Series) -> str:
     """The metric that stands for a suite: by METRIC_PRIORITY, then the most common, then by name."""
     counts = metrics.value_counts()
     candidates = sorted(counts.index, key=lambda m: (-counts[m], str(m)))
@@ -332,7 +332,7 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
     scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     scores = scores[scores["model"].notna() & scores["suite"].notna()].copy()
     scores["task"] = scores["task"].fillna(scores["suite"])
-    scores = _add_group_rows(scores)
+    scores = add_group_rows(scores)
     scores.insert(2, "entry", [key.get((r, m), m) for r, m in zip(scores["run_id"], scores["model"])])
     # The manifest's origin/build are the reference; fill gaps in the csv from them.
     meta = entries.set_index("entry")
@@ -341,9 +341,9 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
     scores["ci_source"] = np.where(scores["ci_low"].notna() & scores["ci_high"].notna(), "scores.csv", "")
 
     suites = sorted({str(s) for s in scores["suite"].dropna()})
-    primary = {s: _choose_primary(scores.loc[(scores["suite"] == s) & (scores["task"] == s), "metric"].dropna())
+    primary = {s: choose_primary(scores.loc[(scores["suite"] == s) & (scores["task"] == s), "metric"].dropna())
                if ((scores["suite"] == s) & (scores["task"] == s)).any()
-               else _choose_primary(scores.loc[scores["suite"] == s, "metric"].dropna()) for s in suites}
+               else choose_primary(scores.loc[scores["suite"] == s, "metric"].dropna()) for s in suites}
     samples = _SampleCache(runs)
     run_by_id = {r.run_id: r for r in runs}
 
@@ -381,12 +381,13 @@ def collect(run_dirs: list[Path], seed: int = 0) -> ReportData:
     return ReportData(runs, entries, scores, summary, suites, primary, pairs, speed, probe, regression, flips, seed, notes)
 
 
-def _add_group_rows(scores: pd.DataFrame) -> pd.DataFrame:
+def add_group_rows(scores: pd.DataFrame, keep_single_interval: bool = False) -> pd.DataFrame:
     """Add a suite-level row (task == suite) where a suite has only subtask rows.
 
     The group score is the item-weighted mean of the subtasks, as lm-eval aggregates MMLU
     (weight_by_size), so it equals the accuracy over the pooled items. Rows made here are
-    marked in the `group_computed` column.
+    marked in the `group_computed` column. `keep_single_interval`: a suite of one task keeps
+    that task's stderr and interval (they are the suite's); otherwise they are left empty.
     """
     scores = scores.assign(group_computed=False)
     added = []
@@ -400,7 +401,8 @@ def _add_group_rows(scores: pd.DataFrame) -> pd.DataFrame:
         row = sub.iloc[0].copy()
         row["task"] = suite
         row["value"] = float((sub["value"] * weights).sum() / weights.sum())
-        row[["stderr", "ci_low", "ci_high"]] = np.nan
+        if not (keep_single_interval and len(sub) == 1):
+            row[["stderr", "ci_low", "ci_high"]] = np.nan
         row["n"] = float(sub["n"].sum()) if sub["n"].notna().all() else np.nan
         row["group_computed"] = True
         added.append(row)
@@ -409,7 +411,7 @@ def _add_group_rows(scores: pd.DataFrame) -> pd.DataFrame:
     return scores
 
 
-def _aggregate_speed(rows: pd.DataFrame) -> float:
+def aggregate_speed(rows: pd.DataFrame) -> float:
     """Tokens per second over a set of rows: total tokens over total seconds, else the median rate."""
     tokens, seconds = rows["tokens"], rows["seconds"]
     ok = tokens.notna() & seconds.notna() & (seconds > 0)
@@ -428,9 +430,9 @@ def _speed(runs: list[Run], entries: pd.DataFrame) -> pd.DataFrame:
             ttft = mine.loc[mine["phase"].isin(["prefill", "decode"]), "ttft_s"].dropna()
             rows.append({
                 "entry": e["entry"],
-                "eval_tokens_per_s": _aggregate_speed(mine[mine["phase"] == "eval"]),
-                "prefill_tokens_per_s": _aggregate_speed(mine[mine["phase"] == "prefill"]),
-                "decode_tokens_per_s": _aggregate_speed(mine[mine["phase"] == "decode"]),
+                "eval_tokens_per_s": aggregate_speed(mine[mine["phase"] == "eval"]),
+                "prefill_tokens_per_s": aggregate_speed(mine[mine["phase"] == "prefill"]),
+                "decode_tokens_per_s": aggregate_speed(mine[mine["phase"] == "decode"]),
                 "ttft_s": float(ttft.median()) if len(ttft) else float("nan"),
                 "peak_memory_mb": float(mine["peak_memory_mb"].max()) if mine["peak_memory_mb"].notna().any() else float("nan"),
             })

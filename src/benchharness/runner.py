@@ -299,6 +299,8 @@ def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
         # The run already failed; its manifest still says "running", never "complete".
         log.error("could not record status '%s' in the manifest: %s", status, exc)
     _write_report(store.folder)
+    if status == "complete":
+        _add_to_results_store(store.folder)
 
 
 def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -804,6 +806,22 @@ def prompt_hash(task_config: dict[str, Any]) -> str:
 
 def _row(entry: ModelEntry, **values: Any) -> dict[str, Any]:
     return {"model": entry.name, "origin": entry.origin, **values}
+
+
+def _add_to_results_store(folder: Path) -> None:
+    """A complete run joins the results store beside it (results/runs.sqlite)."""
+    from benchharness.results_db import default_store, index_runs
+
+    store = default_store(folder.parent)
+    try:
+        done, refused = index_runs([folder], store)
+    except Exception as exc:  # the store is derived; a failure here must not lose the results
+        log.error("could not add %s to the results store %s: %s (results are intact; run `benchharness index %s`)", folder, store, exc, folder)
+        return
+    for line in refused:
+        log.error("%s", line)
+    if done:
+        log.info("added to the results store %s (%d score rows)", store, done[0].scores)
 
 
 def _write_report(folder: Path) -> None:
