@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from benchharness.report import add_group_rows, aggregate_speed, choose_primary
+from benchharness.report import ALPHA, N_BOOT, add_group_rows, aggregate_speed, choose_primary
+from benchharness.stats import bootstrap_ci
 from benchharness.results_db import connect
 from benchharness.store import atomic_write_text
 
@@ -38,13 +39,15 @@ def load_board(store: Path) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
         scores = pd.read_sql_query("SELECT * FROM scores", con)
         speed = pd.read_sql_query("SELECT run_id, model, phase, tokens, seconds, tokens_per_s FROM throughput "
                                   "WHERE phase IN ('eval', 'decode')", con)
+        correct = pd.read_sql_query("SELECT s.run_id, s.model, t.suite, s.correct FROM samples s JOIN tasks t "
+                                    "ON s.run_id = t.run_id AND s.task = t.task WHERE s.correct IS NOT NULL", con)
     except sqlite3.Error as exc:
         raise _store_error(store, exc) from exc
     finally:
         con.close()
     # A suite scored only per task (mmlu as bh_mmlu) gets its suite row as the report makes it.
     scores = add_group_rows(scores, keep_single_interval=True)
-    scores = scores[scores["task"] == scores["suite"]]
+    scores = _fill_intervals(scores[scores["task"] == scores["suite"]].copy(), correct)
     suites = sorted(scores["suite"].dropna().unique())
     primary = {suite: choose_primary(scores.loc[scores["suite"] == suite, "metric"]) for suite in suites}
     rows = []
@@ -71,6 +74,20 @@ def load_board(store: Path) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
         board = board.assign(_o=board["origin"].map(ORIGIN_ORDER).fillna(9)).sort_values(
             ["_o", "model", "date"], ascending=[True, True, False]).drop(columns="_o")
     return board, suites, primary
+
+
+def _fill_intervals(scores: pd.DataFrame, correct: pd.DataFrame) -> pd.DataFrame:
+    """A suite score without an interval gets the report's: a seeded percentile bootstrap over its
+    items, only where the items' mean reproduces the score (a macro average over subjects does not)."""
+    groups = {key: g["correct"].to_numpy(dtype=float) for key, g in correct.groupby(["run_id", "model", "suite"])}
+    for idx, row in scores.iterrows():
+        if pd.notna(row["ci_low"]) and pd.notna(row["ci_high"]):
+            continue
+        items = groups.get((row["run_id"], row["model"], row["suite"]))
+        if items is None or not len(items) or pd.isna(row["value"]) or abs(float(items.mean()) - float(row["value"])) > 1e-6:
+            continue
+        scores.at[idx, "ci_low"], scores.at[idx, "ci_high"] = bootstrap_ci(items, seed=0, n_boot=N_BOOT, alpha=ALPHA)
+    return scores
 
 
 def _store_error(store: Path, exc: Exception) -> Exception:
@@ -133,8 +150,8 @@ def render(board: pd.DataFrame, suites: list[str], primary: dict[str, str], out_
 <title>benchharness leaderboard</title><style>{_CSS}</style></head><body>
 <h1>benchharness leaderboard</h1>
 <p class="note">{len(board)} model runs from {n_runs} run(s) in <code>{esc(str(store))}</code>, generated {esc(generated)}.
-Each cell: the suite's headline metric (percent where it is a fraction), its 95% confidence interval and the protocol
-(shots, n). Rows of the same model from different runs, builds or protocols are different measurements. Click a
+Each cell: the suite's headline metric (percent where it is a fraction), its 95% confidence interval (from the run, else
+a seeded bootstrap over its items; none for a macro average over subjects or languages) and the protocol (shots, n). Rows of the same model from different runs, builds or protocols are different measurements. Click a
 column to sort; the run links open each run's report.</p>
 <form id="filters">
 <label>origin <select id="origin"><option value="">all</option>{origin_options}</select></label>
