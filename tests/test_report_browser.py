@@ -93,3 +93,43 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     # the rendered DOM carries the tables' content
     assert "qwen-mini @ " + RUN_B + " [incomplete]" in proc.stdout
     assert "Q4_K_M GGUF dequantized to fp32; Coder-Instruct variant" in proc.stdout
+
+
+WIDTH_PROBE = """
+<script>
+window.addEventListener('load', () => {
+  const tables = Array.from(document.querySelectorAll('table'));
+  const result = {page: document.documentElement.scrollWidth, window: window.innerWidth,
+                  main: tables[1].getBoundingClientRect().width, details: document.querySelectorAll('details').length};
+  const pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_html_report_fits_a_laptop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nine suites with long names, two runs of the same model: the page and its main table fit 1366 px."""
+    import test_report
+
+    suites = {name: [name] for name in ("cmmlu", "eu_exams", "eu_exams_cloze", "gsm8k", "gsm8k_zeroshot",
+                                        "humaneval", "mmlu", "mmlu_cloze", "arc")}
+    monkeypatch.setattr(test_report, "SUITES", suites)
+    chromium = _chromium()
+    a = make_run(tmp_path / "results", RUN_A, ALL)
+    b = make_run(tmp_path / "results", RUN_B, ["qwen-mini"])
+    paths = build_report([a, b], tmp_path / "report")
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(paths.html.read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    proc = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1366,768",
+         "--hide-scrollbars", "--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    match = re.search(r'<pre id="probe-result">(.*?)</pre>', proc.stdout, re.S)
+    assert match, proc.stderr[-2000:]
+    seen = json.loads(match.group(1).replace("&quot;", '"'))
+    assert seen["window"] == 1366
+    assert seen["page"] <= seen["window"]  # no sideways scrolling of the page
+    assert seen["main"] <= seen["window"]  # the scores table itself is fully visible
+    assert seen["details"] == 1

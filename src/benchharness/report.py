@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 from benchharness.errors import HarnessError
+from benchharness import protocol
 from benchharness.stats import bootstrap_ci, holm_adjust, mean_stderr, paired_test
-from benchharness.store import describe_status
+from benchharness.store import atomic_write_text, describe_status
 
 log = logging.getLogger(__name__)
 
@@ -629,9 +630,28 @@ def _fmt_p(p: Any) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _shots(data: ReportData, run_id: str, suite: str) -> str:
+    run = next((r for r in data.runs if r.run_id == run_id), None)
+    return protocol.shots(run.manifest, suite, suite) if run is not None else "shots ?"
+
+
+def _suite_shots(data: ReportData, suite: str) -> set[str]:
+    """The shots a suite was run with across the report's entries (one value: the same protocol for all)."""
+    return {_shots(data, str(r), suite) for r in data.summary.loc[data.summary["suite"] == suite, "run_id"]}
+
+
 def _suite_header(data: ReportData, suite: str) -> str:
+    """The suite with its protocol: metric, % where it is a fraction, and the shots when every entry had the same."""
     pct = _is_fraction(data.summary.loc[data.summary["suite"] == suite, "value"])
-    return f"{suite} ({data.primary_metric[suite]}{', %' if pct else ''})"
+    shots = _suite_shots(data, suite)
+    same = f", {next(iter(shots))}" if len(shots) == 1 else ""
+    return f"{suite} ({data.primary_metric[suite]}{', %' if pct else ''}{same})"
+
+
+def _when(stamp: Any) -> str:
+    """An ISO time as 'YYYY-MM-DD HH:MM:SS' (UTC in the manifest)."""
+    text = str(stamp or "")
+    return text[:19].replace("T", " ") if len(text) >= 19 and text[10] == "T" else text
 
 
 def table_runs(data: ReportData) -> pd.DataFrame:
@@ -640,8 +660,8 @@ def table_runs(data: ReportData) -> pd.DataFrame:
         vol = run.manifest.get("volatile") or {}
         missing = run.missing_pairs()
         rows.append({"run": run.run_id, "status": describe_status(run.manifest), "experiment": run.manifest.get("experiment", ""),
-                     "config hash": run.manifest.get("config_hash", ""), "started": vol.get("started", ""),
-                     "finished": vol.get("finished", ""), "host": vol.get("host", ""),
+                     "config hash": run.manifest.get("config_hash", ""), "started": _when(vol.get("started")),
+                     "finished": _when(vol.get("finished")), "host": vol.get("host", ""),
                      "models": len(run.manifest.get("models") or {}), "tasks": len(run.manifest.get("tasks") or {}),
                      "missing (model, suite/task)": len(missing) if not run.complete else ""})
     return pd.DataFrame(rows)
@@ -652,7 +672,8 @@ def table_main(data: ReportData) -> pd.DataFrame:
     rows = []
     for _, e in data.entries.iterrows():
         mine = data.summary[data.summary["entry"] == e["entry"]].set_index("suite")
-        row: dict[str, str] = {"origin": e["origin"], "model": e["entry"], "build": e["build"]}
+        row: dict[str, str] = {"origin": e["origin"], "model": e["entry"], "build": e["build"],
+                               "chat template": e["chat_template"]}
         vals = []
         for suite in data.suites:
             pct = _is_fraction(data.summary.loc[data.summary["suite"] == suite, "value"])
@@ -662,6 +683,8 @@ def table_main(data: ReportData) -> pd.DataFrame:
                 cell = _fmt_score(r["value"], pct)
                 if pd.notna(r["stderr"]):
                     cell += f" ± {_fmt_score(r['stderr'], pct)}"
+                if len(_suite_shots(data, suite)) > 1:  # protocols differ within the column: say which
+                    cell += f" ({_shots(data, str(r['run_id']), suite)})"
                 row[_suite_header(data, suite)] = cell
             else:
                 row[_suite_header(data, suite)] = ""
@@ -746,10 +769,21 @@ def table_pairs(data: ReportData) -> pd.DataFrame:
 
 
 def table_models(data: ReportData) -> pd.DataFrame:
+    """What each model is and how it ran (the short facts; sources and batches are in table_provenance)."""
     cols = {"entry": "model", "origin": "origin", "organisation": "organisation", "family": "family",
-            "params": "params", "build": "build", "source": "source", "weights_sha256": "weights sha256",
-            "dtype": "dtype", "device": "device", "engine": "engine", "chat_template": "chat template", "batch": "batch"}
-    frame = data.entries[list(cols)].rename(columns=cols).astype(str).replace({"nan": "", "None": ""})
+            "params": "params", "build": "build", "dtype": "dtype", "device": "device", "engine": "engine",
+            "chat_template": "chat template"}
+    return _nonempty(data.entries[list(cols)].rename(columns=cols))
+
+
+def table_provenance(data: ReportData) -> pd.DataFrame:
+    """Where each model's weights came from and how its batches were chosen: long text, for the details section."""
+    cols = {"entry": "model", "source": "source", "weights_sha256": "weights sha256", "batch": "batch"}
+    return _nonempty(data.entries[list(cols)].rename(columns=cols))
+
+
+def _nonempty(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.astype(str).replace({"nan": "", "None": ""})
     keep = [c for c in frame.columns if c in ("model", "origin") or (frame[c] != "").any()]
     return frame[keep]
 
@@ -945,6 +979,7 @@ class Section:
     title: str
     intro: str = ""
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (caption, table)
+    details: bool = False  # long provenance: folded away in the HTML report, last in both
 
 
 def _sections(data: ReportData) -> list[Section]:
@@ -983,7 +1018,8 @@ def _sections(data: ReportData) -> list[Section]:
             "test on the flips, `p (Holm)` the same adjusted over this table's "
             f"{int(data.regression['p_value'].notna().sum())} tests. Every flipped item is in flips.csv.",
             [("", reg)]))
-    sections.append(Section("Models", "Where each model's weights came from and how it ran.", [("", table_models(data))]))
+    sections.append(Section("Models", "What each model is and how it ran; where its weights came from and how its "
+                            "batches were chosen are under Details.", [("", table_models(data))]))
     probe = table_probe(data)
     if probe is not None:
         sections.append(Section("Speed probe", "Fixed-shape prefill/decode measurements (median over reps). `serve` rows: "
@@ -1018,6 +1054,9 @@ def _sections(data: ReportData) -> list[Section]:
     subs = [(s, t) for s in data.suites if (t := table_subtasks(data, s)) is not None]
     if subs:
         sections.append(Section("Subtasks", "Scores of each subtask of the suites that have them.", subs))
+    sections.append(Section("Details: sources and batches", "Where each model's weights came from (source, the "
+                            "first 12 hex digits of their sha256) and how the engine chose its batches.",
+                            [("", table_provenance(data))], details=True))
     return sections
 
 
@@ -1044,9 +1083,13 @@ def render_markdown(data: ReportData, title: str, images: list[tuple[str, str]] 
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;color:#222}
-table{border-collapse:collapse;margin:0.5rem 0 1.5rem;font-size:0.9rem}
-th,td{border:1px solid #ccc;padding:0.25rem 0.5rem;text-align:left;vertical-align:top}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5rem auto;max-width:1400px;padding:0 1rem;color:#222}
+h1{font-size:1.5rem;word-break:break-word}
+.wrap{overflow-x:auto;max-width:100%;margin:0.5rem 0 1.5rem}
+table{border-collapse:collapse;font-size:0.8rem}
+th,td{border:1px solid #ccc;padding:0.2rem 0.4rem;text-align:left;vertical-align:top}
+td{max-width:16rem;overflow-wrap:break-word}
+details summary{cursor:pointer}details summary h2{display:inline}
 th{background:#f3f3f3}
 tr:nth-child(even) td{background:#fafafa}
 .banner{background:#fff3cd;border:2px solid #c77c00;padding:0.75rem 1rem;margin:1rem 0;font-weight:600}
@@ -1054,6 +1097,14 @@ tr:nth-child(even) td{background:#fafafa}
 figure{margin:1rem 0}
 img{max-width:100%;height:auto;border:1px solid #eee}
 """
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    """pandas' HTML table, with headers broken before their parenthesis so narrow columns stay narrow."""
+    text = table.to_html(index=False, escape=True, na_rep="", border=0)
+    text = re.sub(r"(<th>[^<(]+?) (\()", r"\1<br>\2", text)
+    # Long names (gsm8k_zeroshot, exact_match) may break after an underscore.
+    return re.sub(r"<th>(.*?)</th>", lambda m: "<th>" + m.group(1).replace("_", "_<wbr>") + "</th>", text)
 
 
 def render_html(data: ReportData, title: str, images: list[tuple[str, Path]] | None = None) -> str:
@@ -1066,7 +1117,10 @@ def render_html(data: ReportData, title: str, images: list[tuple[str, Path]] | N
     for note in data.notes:
         out.append(f'<p class="note">Note: {esc(note)}</p>')
     for section in _sections(data):
-        out.append(f"<h2>{esc(section.title)}</h2>")
+        if section.details:
+            out.append(f"<details><summary><h2>{esc(section.title)}</h2></summary>")
+        else:
+            out.append(f"<h2>{esc(section.title)}</h2>")
         if section.intro:
             # The intros are written for markdown: render their `code` spans as <code>.
             out.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(section.intro)) + "</p>")
@@ -1076,7 +1130,10 @@ def render_html(data: ReportData, title: str, images: list[tuple[str, Path]] | N
             if table is None or table.empty:
                 out.append("<p><em>(no rows)</em></p>")
             else:
-                out.append(table.to_html(index=False, escape=True, na_rep="", border=0))
+                # A wide table scrolls inside its own box; the page keeps the window's width.
+                out.append('<div class="wrap">' + _html_table(table) + "</div>")
+        if section.details:
+            out.append("</details>")
     if images:
         out.append("<h2>Plots</h2>")
         for caption, path in images:
@@ -1085,19 +1142,6 @@ def render_html(data: ReportData, title: str, images: list[tuple[str, Path]] | N
                        f"<figcaption>{esc(caption)}</figcaption></figure>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    # Write through a temporary file and rename, so a half-written report never looks complete.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -1111,7 +1155,7 @@ def write_run_report(run_dir: Path, seed: int = 0) -> Path:
     run = data.runs[0]
     title = f"benchharness run {run.run_id}" + (f" — {run.manifest['experiment']}" if run.manifest.get("experiment") else "")
     path = run_dir / "report.md"
-    _atomic_write(path, render_markdown(data, title))
+    atomic_write_text(path, render_markdown(data, title))
     return path
 
 
@@ -1160,11 +1204,11 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, seed: int = 
     paths = ReportPaths(out_dir=out_dir, markdown=out_dir / "report.md", html=out_dir / "report.html",
                         scores=out_dir / "scores.csv", summary=out_dir / "summary.csv", pairs=out_dir / "pairs.csv",
                         flips=out_dir / "flips.csv", plots=tuple(plot_paths))
-    _atomic_write(paths.scores, data.scores.to_csv(index=False))
-    _atomic_write(paths.summary, data.summary.to_csv(index=False))
-    _atomic_write(paths.pairs, data.pairs.to_csv(index=False))
-    _atomic_write(paths.flips, data.flips.to_csv(index=False))
-    _atomic_write(paths.markdown, render_markdown(data, title, [(c, p.name) for c, p in images]))
-    _atomic_write(paths.html, render_html(data, title, images))
+    atomic_write_text(paths.scores, data.scores.to_csv(index=False))
+    atomic_write_text(paths.summary, data.summary.to_csv(index=False))
+    atomic_write_text(paths.pairs, data.pairs.to_csv(index=False))
+    atomic_write_text(paths.flips, data.flips.to_csv(index=False))
+    atomic_write_text(paths.markdown, render_markdown(data, title, [(c, p.name) for c, p in images]))
+    atomic_write_text(paths.html, render_html(data, title, images))
     log.info("report written to %s", out_dir)
     return paths
