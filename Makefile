@@ -15,7 +15,7 @@ ifneq ($(wildcard ../shared/data/cmmlu/test),)
 export BENCHHARNESS_CMMLU_DIR ?= $(abspath ../shared/data/cmmlu)
 endif
 
-.PHONY: install bench report test test-fast prepare models suites clean-venv
+.PHONY: install bench report leaderboard test test-fast prepare models suites clean-venv
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: install
 
 report: install
 	$(BH) report $(RUN)
+
+# Every run folder under results/ into results/runs.sqlite, then the page over it.
+leaderboard: install
+	$(BH) index $(wildcard results/2*/)
+	$(BH) leaderboard --store results/runs.sqlite
 
 prepare: install
 	$(BH) prepare all

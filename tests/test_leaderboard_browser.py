@@ -133,3 +133,36 @@ def test_leaderboard_intervals_are_the_reports(tmp_path: Path) -> None:
             assert cell["ci_low"] == summary.loc[(row["model"], suite), "ci_low"]
             assert cell["ci_high"] == summary.loc[(row["model"], suite), "ci_high"]
             assert cell["ci_low"] < cell["value"] < cell["ci_high"]
+
+
+WIDTH_PROBE = """
+<script>
+window.addEventListener('load', () => {
+  const result = {page: document.documentElement.scrollWidth, window: window.innerWidth,
+                  table: document.getElementById('board').getBoundingClientRect().width};
+  const pre = document.createElement('pre'); pre.id = 'probe-result'; pre.textContent = JSON.stringify(result);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_leaderboard_with_nine_suites_fits_a_laptop(tmp_path: Path, monkeypatch) -> None:
+    import test_report
+
+    monkeypatch.setattr(test_report, "SUITES", {name: [name] for name in (
+        "cmmlu", "eu_exams", "eu_exams_cloze", "gsm8k", "gsm8k_zeroshot", "humaneval", "mmlu", "mmlu_cloze", "arc")})
+    chromium = _chromium()
+    results = tmp_path / "results"
+    runs = [make_indexable(results, RUN_A, ALL), make_indexable(results, RUN_B, ["qwen-mini"])]
+    index_runs(runs, results / "runs.sqlite")
+    page = write_leaderboard(results / "runs.sqlite")
+    probe_page = page.with_name("probe.html")
+    probe_page.write_text(page.read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    proc = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={LAPTOP[0]},{LAPTOP[1]}",
+                           "--hide-scrollbars", "--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()],
+                          capture_output=True, text=True, timeout=90)
+    match = re.search(r'<pre id="probe-result">(.*?)</pre>', proc.stdout, re.S)
+    assert match, proc.stderr[-2000:]
+    seen = json.loads(match.group(1).replace("&quot;", '"'))
+    assert seen["window"] == LAPTOP[0] and seen["page"] <= seen["window"] and seen["table"] <= seen["window"]

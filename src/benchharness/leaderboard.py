@@ -110,15 +110,17 @@ def render(board: pd.DataFrame, suites: list[str], primary: dict[str, str], out_
     fractions = {s: all(0 <= c["value"] <= 1 for c in board[s] if isinstance(c, dict)) if s in board else True for s in suites}
     head = ["<th data-type='text' data-key='model'>model</th>", "<th data-type='text'>origin</th>",
             "<th data-type='text'>build</th>", "<th data-type='text'>protocol</th>"]
-    head += [f"<th data-type='num' data-suite='{esc(s)}' title='{esc(primary[s])}'>{esc(s)}<br><small>{esc(primary[s])}"
+    # <wbr>: long suite and metric names (gsm8k_zeroshot, exact_match) may break after an underscore
+    head += [f"<th data-type='num' data-suite='{esc(s)}' title='{esc(primary[s])}'>{_breakable(s)}<br><small>{_breakable(primary[s])}"
              f"{' %' if fractions[s] else ''}</small></th>" for s in suites]
     head += ["<th data-type='num' title='tokens/s over the evaluation itself'>eval<br><small>tok/s</small></th>",
              "<th data-type='num' title='fixed-shape probe decode tokens/s'>decode<br><small>tok/s</small></th>",
-             "<th data-type='text'>run</th>"]
+             "<th data-type='text' title='start date; config hash, linking to the run report'>run</th>"]
     body = []
     for _, r in board.iterrows():
         shots = {s: c["num_fewshot"] for s in suites if isinstance((c := r.get(s)), dict)}
-        protocol = f"chat template: {r['chat_template']}; {r['engine']}, {r['dtype']}, {r['device']}"
+        template = {"yes": "chat template", "no": "no chat template"}.get(r["chat_template"], "chat template ?")
+        protocol = f"{template}; {r['engine']}, {r['dtype']}, {r['device']}"
         cells = [f"<td class='name'>{esc(str(r['model']))}<br><small>{esc(str(r['params'] or ''))}</small></td>",
                  f"<td>{esc(str(r['origin']))}</td>", f"<td class='build'>{esc(str(r['build'] or ''))}</td>",
                  f"<td class='protocol'>{esc(protocol)}</td>"]
@@ -137,9 +139,11 @@ def render(board: pd.DataFrame, suites: list[str], primary: dict[str, str], out_
         cells += [f"<td data-value='{_plain(r['eval_tokens_per_s'])}'>{_num(r['eval_tokens_per_s'])}</td>",
                   f"<td data-value='{_plain(r['decode_tokens_per_s'])}'>{_num(r['decode_tokens_per_s'])}</td>"]
         link = _link(r["report"], out_dir, store)
-        run = esc(str(r["run_id"]))
-        cells.append(f"<td class='run' data-value='{esc(str(r['date']))}'>{esc(str(r['date']))}<br>"
-                     + (f"<a href='{esc(link)}'>{run}</a>" if link else run) + "</td>")
+        # run_id = UTC start time + config hash: the hash tells runs of one day apart
+        run_id = str(r["run_id"])
+        label = esc(run_id.rsplit("-", 1)[-1])
+        cells.append(f"<td class='run' data-value='{esc(run_id)}' title='{esc(run_id)}'>{esc(str(r['date']))}<br>"
+                     + (f"<a href='{esc(link)}'>{label}</a>" if link else label) + "</td>")
         body.append(f"<tr data-origin='{esc(str(r['origin']))}' data-date='{esc(str(r['date']))}'>" + "".join(cells) + "</tr>")
     origins = sorted(board["origin"].dropna().unique(), key=lambda o: ORIGIN_ORDER.get(o, 9)) if len(board) else []
     suite_boxes = "".join(f"<label><input type='checkbox' class='suite' value='{esc(s)}' checked> {esc(s)}</label>" for s in suites)
@@ -167,6 +171,10 @@ column to sort; the run links open each run's report.</p>
 """
 
 
+def _breakable(name: str) -> str:
+    return html.escape(name).replace("_", "_<wbr>")
+
+
 def _plain(value: Any) -> str:
     return "" if value is None or pd.isna(value) else repr(float(value))
 
@@ -192,8 +200,9 @@ th,td{border:1px solid #ddd;padding:0.2rem 0.35rem;text-align:left;vertical-alig
 th{background:#f3f3f3;cursor:pointer;position:sticky;top:0;user-select:none}
 th.asc::after{content:" \\25B2"}th.desc::after{content:" \\25BC"}
 td.score{text-align:right;white-space:nowrap}
-td.build,td.protocol{max-width:13rem;font-size:0.75rem;color:#444}
-td.name{font-weight:600;max-width:14rem;word-break:break-word}
+td.build{max-width:12rem;font-size:0.75rem;color:#444}
+td.protocol{max-width:8rem;font-size:0.75rem;color:#444}
+td.name{font-weight:600;min-width:8rem;max-width:16rem;overflow-wrap:anywhere}
 small{color:#666}
 tr:nth-child(even) td{background:#fafafa}
 """
