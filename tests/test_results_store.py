@@ -98,3 +98,14 @@ def test_cli_index_and_query(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert query("SELECT count(*) AS n FROM scores", store)["n"].item() > 0
     with pytest.raises(HarnessError, match="no results store there"):
         query("SELECT 1", tmp_path / "nowhere.sqlite")
+
+
+def test_a_store_of_another_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
+    store = tmp_path / "runs.sqlite"
+    con = sqlite3.connect(store)
+    con.execute("CREATE TABLE meta (key PRIMARY KEY, value)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', 1)")
+    con.commit()
+    con.close()
+    with pytest.raises(HarnessError, match=r"schema 1; this version writes schema 2\. Fix: .*benchharness index"):
+        index_runs([make_indexable(tmp_path / "results", RUN_A, ["qwen-mini"])], store)

@@ -29,9 +29,9 @@ from benchharness.errors import HarnessError
 from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS
 
 STORE_NAME = "runs.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.parity
 
-RUN_COLUMNS = ["run_id", "experiment", "config_hash", "config_file", "status", "started", "finished", "engine",
+RUN_COLUMNS = ["run_id", "experiment", "config_hash", "config_file", "status", "parity", "started", "finished", "engine",
                "harness_version", "lm_eval_version", "torch_version", "host", "fingerprint_sha256", "folder",
                "report", "samples_indexed", "indexed_at"]
 MODEL_COLUMNS = ["run_id", "model", "origin", "organisation", "family", "params", "build", "license", "dtype", "device",
@@ -66,11 +66,20 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=60)
-    _create(con)
+    try:
+        _create(con, path)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
-def _create(con: sqlite3.Connection) -> None:
+def _create(con: sqlite3.Connection, path: Path) -> None:
+    has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+    if version is not None and int(version[0]) != SCHEMA_VERSION:
+        raise HarnessError(f"{path}: a results store of schema {version[0]}; this version writes schema {SCHEMA_VERSION}. "
+                           f"Fix: move it aside and rebuild it from the run folders: `benchharness index results/*/ --store {path}`.")
     with con:
         for name, columns in TABLES.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(_quote(c) for c in columns)})")
@@ -154,7 +163,8 @@ def _index_one(con: sqlite3.Connection, folder: Path, manifest: dict[str, Any], 
     report = folder / "report" / "report.html" if (folder / "report" / "report.html").is_file() else folder / "report.md"
     runs = pd.DataFrame([{
         "run_id": run_id, "experiment": manifest.get("experiment"), "config_hash": manifest.get("config_hash"),
-        "config_file": manifest.get("config_file"), "status": manifest.get("status"), "started": volatile.get("started"),
+        "config_file": manifest.get("config_file"), "status": manifest.get("status"),
+        "parity": (manifest.get("parity") or {}).get("status"), "started": volatile.get("started"),
         "finished": volatile.get("finished"), "engine": config.get("engine"),
         "harness_version": versions.get("benchharness"), "lm_eval_version": versions.get("lm_eval"),
         "torch_version": versions.get("torch"), "host": volatile.get("host"),
