@@ -23,7 +23,7 @@ import transformers
 from lm_eval.tasks import TaskManager
 
 from benchharness.engine import BenchEngineLM
-from benchharness.data import default_cache_dir
+from benchharness.suites.registry import default_cache_dir
 
 
 def main() -> None:

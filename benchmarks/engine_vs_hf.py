@@ -78,12 +78,13 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from benchharness.data import default_cache_dir, get_suite, prepare_suite  # noqa: E402
+from benchharness.suites.registry import default_cache_dir, get_suite, prepare_suite  # noqa: E402
 from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token  # noqa: E402
-from benchharness.perf import matmul_kernels, matmul_params, measure_matmul_flops  # noqa: E402
-from benchharness.reference import row_bytes as reference_row_bytes  # noqa: E402
+from benchharness.measure.limits import matmul_kernels, measure_matmul_flops  # noqa: E402
+from benchharness.engine.model_costs import matmul_params  # noqa: E402
+from benchharness.engine.reference import row_bytes as reference_row_bytes  # noqa: E402
 
 TASKS = ("mmlu", "mc_text", "gsm8k")
 
@@ -245,7 +246,7 @@ class TokenCounter:
 class UsefulFlops:
     """The FLOPs a set of token sequences minimally needs (see the module's docstring)."""
 
-    body_params: int  # weights of the body's matmuls (`perf.matmul_params`)
+    body_params: int  # weights of the body's matmuls (`engine.model_costs.matmul_params`)
     head_params: int  # weights of the output layer
     pair_flops: int  # per query-key pair per layer: 2 x 2 x heads x head size (QK^T and AV)
     windows: tuple[int | None, ...]  # per layer: its sliding window, or None for full attention

@@ -2,7 +2,7 @@
 
     python benchmarks/matmul_peak.py [--device cpu] [--seconds 2] [--dtypes float32,bfloat16]
 
-These are the denominators of throughput.csv's efficiency columns (benchharness.perf; for fp32 on
+These are the denominators of throughput.csv's efficiency columns (benchharness.measure.limits; for fp32 on
 a CPU the faster of torch.matmul and oneDNN, the kernel the engine's linear layers use). The copy
 bandwidth is printed beside the read bandwidth the harness uses, to show how far apart they are.
 """
@@ -15,15 +15,9 @@ import time
 
 import torch
 
-from benchharness.perf import (
-    hardware_info,
-    matmul_kernels,
-    measure_matmul_flops,
-    measure_memory_bandwidth,
-    repeat_timed,
-    summarize,
-    synchronizer,
-)
+from benchharness.measure.hardware import hardware_info
+from benchharness.measure.limits import matmul_kernels, measure_matmul_flops, measure_memory_bandwidth
+from benchharness.measure.timing import repeat_timed, summarize, synchronizer
 
 
 def copy_bandwidth(device: str, nbytes: int, seconds: float) -> float:

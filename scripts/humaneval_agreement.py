@@ -15,8 +15,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchharness.humaneval_reference import reference_verdicts
-from benchharness.scoring import humaneval_check
+from benchharness.scorers.humaneval_reference import reference_verdicts
+from benchharness.scorers.hooks import humaneval_check
 
 
 def main() -> int:

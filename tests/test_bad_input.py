@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchharness import store
+from benchharness import files
 from benchharness.cli import main
 from conftest import tiny_catalog, write_experiment, run_folders
 
@@ -40,7 +40,7 @@ def test_full_disk_mid_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch: py
             handle.write = write  # type: ignore[method-assign]
         return handle
 
-    monkeypatch.setattr(store.os, "fdopen", fdopen)
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
     code = main(["--cache", str(tmp_path / "cache"), "run", str(config)])
     err = capsys.readouterr().err
     assert code == 2

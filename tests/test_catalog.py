@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.catalog import HubSource, PackSource, load_catalog
+from benchharness.config.catalog import HubSource, PackSource, load_catalog
 from benchharness.errors import ConfigError
 from conftest import REPO
 

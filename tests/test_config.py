@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.config import Overrides, load_experiment
+from benchharness.config.experiment import Overrides, load_experiment
 from benchharness.errors import ConfigError
 from conftest import REPO, write_experiment
 

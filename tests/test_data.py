@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from benchharness.data import get_suite, prepare_suite, render_tasks, stratified_order
+from benchharness.suites.registry import get_suite, prepare_suite, render_tasks, stratified_order
 from benchharness.errors import DataError
 from conftest import REPO, read_jsonl
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from benchharness.cli import main
-from benchharness.distributed import strip_processes
-from benchharness.metered import merge_in_doc_order
+from benchharness.run.distributed import strip_processes
+from benchharness.measure.metered import merge_in_doc_order
 from conftest import build_tiny_model, read_jsonl, tiny_catalog, write_experiment, run_folders
 
 BODY = """
@@ -174,8 +174,8 @@ def test_device_map_auto_loads_without_moving(tiny_model_dir: Path, monkeypatch:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from benchharness.catalog import ModelEntry, normalise_sources
-    from benchharness.sources import ResolvedModel, load_model
+    from benchharness.config.catalog import ModelEntry, normalise_sources
+    from benchharness.models.sources import ResolvedModel, load_model
 
     pytest.importorskip("accelerate")
     entry = ModelEntry.model_validate(normalise_sources({

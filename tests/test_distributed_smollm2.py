@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchharness.cli import main
-from benchharness.data import default_cache_dir
+from benchharness.suites.registry import default_cache_dir
 from conftest import REPO, read_jsonl, write_experiment, run_folders
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from benchharness.engine import BenchEngineLM
 from benchharness.engine.batching import TokenRequest
 from benchharness.engine.cpu_kernels import _GATED_MLPS, plan_cpu_kernels
 from benchharness.engine.head import split_model
-from benchharness.onednn import onednn_available, onednn_linear
+from benchharness.engine.onednn import onednn_available, onednn_linear
 from test_engine_support import make_model, make_tokenizer
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
@@ -143,8 +143,8 @@ def test_engine_scores_agree_with_and_without_the_kernels_and_record_them() -> N
 def test_speed_probe_runs_with_the_configured_engines_kernels() -> None:
     from pathlib import Path
 
-    from benchharness.config import Overrides, load_experiment
-    from benchharness.runner import probe_kernels
+    from benchharness.config.experiment import Overrides, load_experiment
+    from benchharness.run.runner import probe_kernels
 
     default = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "default.yaml"
     model = _model(transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **_COMMON))

@@ -125,8 +125,8 @@ def test_model_config_sampling_defaults_apply_when_the_task_samples() -> None:
 
 
 def test_the_experiments_seed_reaches_the_engine(tmp_path) -> None:
-    from benchharness.config import Experiment, InferenceSpec
-    from benchharness.runner import make_lm
+    from benchharness.config.experiment import Experiment, InferenceSpec
+    from benchharness.run.runner import make_lm
 
     tokenizer = make_tokenizer()
     model = make_model("llama", len(tokenizer))

@@ -23,11 +23,11 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from benchharness.catalog import load_catalog
-from benchharness.data import default_cache_dir, get_suite, prepare_suite, render_tasks
+from benchharness.config.catalog import load_catalog
+from benchharness.suites.registry import default_cache_dir, get_suite, prepare_suite, render_tasks
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.parity import TOLERANCE
-from benchharness.sources import load_model, resolve_model
+from benchharness.models.sources import load_model, resolve_model
 from conftest import REPO, read_jsonl
 
 pytestmark = pytest.mark.integration

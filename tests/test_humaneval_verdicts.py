@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchharness.sandbox import Limits
-from benchharness.scoring import humaneval_check, humaneval_process_results, summarize_sandbox
-from benchharness.humaneval_reference import reference_verdicts
+from benchharness.scorers.sandbox import Limits
+from benchharness.scorers.hooks import humaneval_check, humaneval_process_results, summarize_sandbox
+from benchharness.scorers.humaneval_reference import reference_verdicts
 from humaneval_corpus import Problem, mutants, problems
 
 PROBLEMS = problems()

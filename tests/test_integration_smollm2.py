@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from benchharness.cli import main
-from benchharness.data import default_cache_dir
+from benchharness.suites.registry import default_cache_dir
 from conftest import REPO, read_jsonl, run_folders
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from benchharness.leaderboard import load_board, write_leaderboard
-from benchharness.results_db import index_runs
+from benchharness.report.leaderboard import load_board, write_leaderboard
+from benchharness.store.results_db import index_runs
 from conftest import REPO
 from test_report import ALL, RUN_A, RUN_B, correctness
 from test_report_browser import CHROMIUM_FLAGS, _chromium
@@ -120,7 +120,7 @@ def test_leaderboard_sorts_filters_and_fits_a_laptop(tmp_path: Path) -> None:
 
 def test_leaderboard_intervals_are_the_reports(tmp_path: Path) -> None:
     """Cells without an interval in scores.csv get the report's bootstrap interval over the same items."""
-    from benchharness.report import collect
+    from benchharness.report.collect import collect
 
     a = make_indexable(tmp_path / "results", RUN_A, ALL)
     store = tmp_path / "results" / "runs.sqlite"

@@ -13,7 +13,7 @@ import pytest
 
 from benchharness.cli import _split_lm_eval
 from benchharness.errors import HarnessError
-from benchharness.lm_eval_cli import engine_arguments
+from benchharness.engine.lm_eval_cli import engine_arguments
 from conftest import read_jsonl
 
 

@@ -9,7 +9,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from transformers import AutoTokenizer
 
-from benchharness.metered import MeteredLM
+from benchharness.measure.metered import MeteredLM
 
 
 class _Echo(LM):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.certificate import sample_documents
+from benchharness.run.certificate import sample_documents
 from benchharness.cli import PARITY_FAILED, main
-from benchharness.verify import verify_run
+from benchharness.store.verify import verify_run
 from conftest import tiny_catalog, write_experiment, run_folders
 
 BODY = """
@@ -142,8 +142,8 @@ def test_parity_failure_exits_3_through_the_process_launcher(
     """`--processes N`: torch's launcher turns rank 0's exit status 3 into 1; the run's manifest tells."""
     import datetime as dt
 
-    import benchharness.distributed as distributed
-    from benchharness.config import load_experiment
+    import benchharness.run.distributed as distributed
+    from benchharness.config.experiment import load_experiment
 
     config = write_experiment(tmp_path / "cfg", BODY.format(engine="benchharness", requests=16, tasks=_rolling_task(tmp_path)), tiny_catalog(tiny_model_dir))
     outcome = {}
@@ -183,8 +183,8 @@ def test_sampled_generations_are_skipped_and_counted(tiny_model_dir: Path) -> No
     from lm_eval.api.instance import Instance
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchharness.certificate import certify_task
-    from benchharness.reference import ReferenceLM
+    from benchharness.run.certificate import certify_task
+    from benchharness.engine.reference import ReferenceLM
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     reference = ReferenceLM(model, tokenizer, "auto", "cpu")

@@ -1,4 +1,4 @@
-"""Tests of benchharness.perf: statistics on known inputs, timers that exclude warm-up, and a probe
+"""Tests of the measurement stage (benchharness.measure, engine.model_costs): statistics on known inputs, timers that exclude warm-up, and a probe
 whose token counts equal what tiny in-process models really processed and generated.
 
 No test asserts anything about how fast something ran.
@@ -23,32 +23,16 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from benchharness import perf
-from benchharness.onednn import onednn_available
-from benchharness.perf import (
-    MachineLimits,
-    MemorySampler,
-    ProbeShape,
-    ProbeSpec,
-    Summary,
-    ThroughputRow,
-    decode_read_bytes,
-    eval_row,
-    greedy_decode,
-    hardware_info,
-    load_timer,
-    matmul_kernels,
-    matmul_params,
-    measure_machine_limits,
-    measure_matmul_flops,
-    measure_memory_bandwidth,
-    model_flops_per_token,
-    repeat_timed,
-    run_speed_probe,
-    summarize,
-    synthetic_prompt,
-    weight_bytes,
-)
+from benchharness.engine.model_costs import MatmulParams
+from benchharness.measure.probe import THROUGHPUT_COLUMNS
+from benchharness.engine.onednn import onednn_available
+from benchharness.measure.limits import MachineLimits, matmul_kernels, measure_machine_limits, measure_matmul_flops, measure_memory_bandwidth
+from benchharness.measure.memory import MemorySampler
+from benchharness.config.speed_spec import ProbeShape, ProbeSpec
+from benchharness.measure.timing import Summary, repeat_timed, summarize
+from benchharness.measure.probe import ThroughputRow, eval_row, greedy_decode, load_timer, run_speed_probe, synthetic_prompt
+from benchharness.engine.model_costs import decode_read_bytes, matmul_params, model_flops_per_token, weight_bytes
+from benchharness.measure.hardware import hardware_info
 
 # The throughput.csv columns as issue #5 names them, in order.
 EXPECTED_COLUMNS = [
@@ -181,7 +165,7 @@ def test_flop_and_byte_counts_untied() -> None:
     body = 2 * (3072 + 6144)
     head = 128 * 32
     norms = 2 * 2 * 32 + 32
-    assert matmul_params(model) == perf.MatmulParams(body=body, head=head)
+    assert matmul_params(model) == MatmulParams(body=body, head=head)
     assert model_flops_per_token(model) == 2.0 * (body + head)
     assert weight_bytes(model) == 4 * (body + head + 128 * 32 + norms)  # the input embedding is in memory...
     assert decode_read_bytes(model) == 4 * (body + head + norms)  # ...but a decode step reads only its rows
@@ -330,7 +314,7 @@ def test_probe_restores_training_mode() -> None:
 
 def test_row_fields_are_the_throughput_columns() -> None:
     assert [f.name for f in fields(ThroughputRow)] == EXPECTED_COLUMNS
-    assert perf.THROUGHPUT_COLUMNS == EXPECTED_COLUMNS
+    assert THROUGHPUT_COLUMNS == EXPECTED_COLUMNS
     row = ThroughputRow(model="m", origin="CN", task=None, phase="decode", tokens=4)
     assert list(row.to_dict()) == EXPECTED_COLUMNS
     assert row.to_dict()["seconds"] is None
@@ -339,8 +323,9 @@ def test_row_fields_are_the_throughput_columns() -> None:
 
 
 def test_row_fields_match_the_store() -> None:
-    store = pytest.importorskip("benchharness.store")
-    assert store.THROUGHPUT_COLUMNS == EXPECTED_COLUMNS
+    """The results store's throughput table has throughput.csv's columns, after the run id."""
+    from benchharness.store.results_db import STORE_THROUGHPUT_COLUMNS
+    assert STORE_THROUGHPUT_COLUMNS == ["run_id", *EXPECTED_COLUMNS]
 
 
 def test_eval_row_known_values() -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from benchharness.plots import ORIGIN_COLORS, score_vs_throughput_figure, suite_bars_figure, write_plots
+from benchharness.report.plots import ORIGIN_COLORS, score_vs_throughput_figure, suite_bars_figure, write_plots
 
 
 def _summary(with_speed: bool = True) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""lm-eval's hf model as the harness builds it (benchharness.reference): on a CPU, `batch_size: auto`
+"""lm-eval's hf model as the harness builds it (benchharness.engine.reference): on a CPU, `batch_size: auto`
 is sized from the memory available for the longest row lm-eval batches, never lm-eval's own probe
 (64 rows, which the OOM killer ends on a CPU), and its answers are lm-eval's own."""
 
@@ -11,7 +11,7 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from benchharness.reference import MEMORY_SHARE, ReferenceLM, memory_bounded_batch, row_bytes
+from benchharness.engine.reference import MEMORY_SHARE, ReferenceLM, memory_bounded_batch, row_bytes
 
 Memory = namedtuple("Memory", "available")
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from benchharness.errors import HarnessError
-from benchharness.report import build_report, collect, load_run, load_samples, write_run_report
-from benchharness.stats import bootstrap_ci, mean_stderr
+from benchharness.report.collect import collect, load_run, load_samples
+from benchharness.report.render import build_report, write_run_report
+from benchharness.scorers.stats import bootstrap_ci, mean_stderr
 
 MODELS: dict[str, dict[str, Any]] = {
     "qwen-mini": {"origin": "CN", "organisation": "Alibaba", "family": "qwen2", "params": "0.5B",
@@ -408,7 +409,7 @@ def test_a_run_whose_process_is_gone_is_reported_killed(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from benchharness.verify import verify_run
+    from benchharness.store.verify import verify_run
 
     run = make_run(tmp_path, RUN_A, ["qwen-mini"], status="running", skip={("qwen-mini", "mmlu_law")})
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)

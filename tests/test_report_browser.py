@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.report import build_report
+from benchharness.report.render import build_report
 from test_report import ALL, RUN_A, RUN_B, make_run
 
 CHROMIUM_FLAGS = [

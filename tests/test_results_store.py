@@ -12,7 +12,7 @@ import pytest
 
 from benchharness.cli import main
 from benchharness.errors import HarnessError
-from benchharness.results_db import index_runs, query
+from benchharness.store.results_db import index_runs, query
 from test_report import ALL, RUN_A, RUN_B, make_run
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from benchharness.cli import main
-from benchharness.verify import verify_run
+from benchharness.store.verify import verify_run
 from conftest import read_jsonl, tiny_catalog, write_experiment, run_folders
 
 LIMIT = 3

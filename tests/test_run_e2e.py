@@ -86,7 +86,7 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert "bh_mmlu" in make_table(theirs)
 
     # the finished run joined the results store beside it, with its protocol on every score
-    from benchharness.results_db import query
+    from benchharness.store.results_db import query
     stored = query("SELECT * FROM scores", runs / "runs.sqlite")
     assert len(stored) == len(scores) and set(stored["run_id"]) == {run.name}
     assert "0-shot, no chat template, acc" in set(stored["protocol"])

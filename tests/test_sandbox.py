@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.sandbox import Limits, capabilities, interpreter_paths, run_check, run_python
-from benchharness.scoring import humaneval_process_results
+from benchharness.scorers.sandbox import Limits, capabilities, interpreter_paths, run_check, run_python
+from benchharness.scorers.hooks import humaneval_process_results
 from conftest import REPO
 
 FAST = Limits(timeout_s=6, cpu_s=3)
@@ -125,7 +125,7 @@ def _secret_file(folder: Path, name: str) -> tuple[Path, str]:
 
 def _read_targets(tmp_path: Path) -> dict[str, tuple[str, str | None]]:
     """What a program must not read, by category: path -> secret it must not print (None: any content)."""
-    from benchharness.data import default_cache_dir
+    from benchharness.suites.registry import default_cache_dir
 
     targets: dict[str, tuple[str, str | None]] = {}
     if Path("/etc/shadow").exists():
@@ -135,7 +135,7 @@ def _read_targets(tmp_path: Path) -> dict[str, tuple[str, str | None]]:
     targets["another user's home"] = (str(home), secret)
     targets["root's home"] = (str(Path("/root/.bashrc") if Path("/root/.bashrc").exists() else Path.home()), None)
     targets["the harness's configs"] = (str(REPO / "configs" / "models.yaml"), "qwen2.5-coder-0.5b-instruct-q4km")
-    targets["the harness's source"] = (str(REPO / "src" / "benchharness" / "sandbox.py"), "interpreter_paths")
+    targets["the harness's source"] = (str(REPO / "src" / "benchharness" / "scorers" / "sandbox.py"), "interpreter_paths")
     results, secret = _secret_file(tmp_path / "results" / "run", "scores")
     targets["results"] = (str(results), secret)
     cache = default_cache_dir()
@@ -248,7 +248,7 @@ def test_unprivileged_caller_gets_a_user_namespace(tmp_path: Path) -> None:
     script = (
         "import json, sys\n"
         f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
-        "from benchharness.sandbox import run_check, run_python\n"
+        "from benchharness.scorers.sandbox import run_check, run_python\n"
         "r = run_check('def add(a, b):\\n    return a + b\\n', 'def check(c):\\n    assert c(1, 2) == 3\\n', 'check(add)', 'add', python_guard=False)\n"
         "leak = run_python('print(open(\"/etc/passwd\").read())', python_guard=False)\n"
         "print(json.dumps([r.status, r.isolation, leak.status, leak.stdout]))\n"

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from benchharness.scoring import (
+from benchharness.scorers.hooks import (
     extract_final_number, extract_marked_number, gsm8k_process_results, humaneval_program, macro_average,
     normalize_number, subject_scores, summarize_sandbox,
 )

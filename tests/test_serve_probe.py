@@ -10,8 +10,11 @@ from test_engine_support import make_model, make_tokenizer, one_torch_thread  # 
 from benchharness.engine.continuous import Prompt, SlotPlan, generate
 from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import split_model
-from benchharness.perf import MachineLimits, ProbeSpec, ServeSpec, Summary, ThroughputRow
-from benchharness.serve_probe import run_serve_probe
+from benchharness.measure.limits import MachineLimits
+from benchharness.config.speed_spec import ProbeSpec, ServeSpec
+from benchharness.measure.timing import Summary
+from benchharness.measure.probe import ThroughputRow
+from benchharness.measure.serve_probe import run_serve_probe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.catalog import GgufSource, HubSource, LocalSource, ModelEntry, PackSource
+from benchharness.config.catalog import GgufSource, HubSource, LocalSource, ModelEntry, PackSource
 from benchharness.errors import SourceError
-from benchharness.sources import availability, load_model, resolve_model
+from benchharness.models.sources import availability, load_model, resolve_model
 
 
 def _entry(*sources: object) -> ModelEntry:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from benchharness.stats import bootstrap_ci, mcnemar_exact, mean_stderr, paired_bootstrap, paired_test
+from benchharness.scorers.stats import bootstrap_ci, mcnemar_exact, mean_stderr, paired_bootstrap, paired_test
 
 
 def test_mean_stderr_by_hand() -> None:
@@ -107,10 +107,22 @@ def test_paired_test_dispatches_on_binary_outcomes() -> None:
 
 
 def test_holm_adjustment_by_hand() -> None:
-    from benchharness.stats import holm_adjust
+    from benchharness.scorers.stats import holm_adjust
     # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.06, 0.04*1) = 0.06
     adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005, float("nan")])
     assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert np.isnan(adjusted[4])  # not a test: not counted in the family either
     assert holm_adjust([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert len(holm_adjust([])) == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 57, 228, 3000])
+def test_scipy_bootstrap_draws_are_the_published_ones(n: int) -> None:
+    """The intervals come from scipy's bootstrap now; its resamples are the ones the harness drew by
+    hand before (one generator, rows of `n` indices), so every interval in results/ stays the same."""
+    rng = np.random.default_rng(n)
+    values = (rng.random(n) < 0.4).astype(float)
+    draws = np.random.default_rng(1234)
+    means = np.concatenate([values[draws.integers(0, n, size=(min(1000, 2_000_000 // n), n))].mean(axis=1)
+                            for _ in range(0, 1000, min(1000, 2_000_000 // n))])[:1000]
+    assert bootstrap_ci(values, seed=1234) == tuple(float(q) for q in np.quantile(means, [0.025, 0.975]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchharness.data import SUITES, check_task_data_offline, get_suite, prepare_suite, render_tasks
+from benchharness.suites.registry import SUITES, check_task_data_offline, get_suite, prepare_suite, render_tasks
 from benchharness.errors import DataError
 from benchharness.suites import cmmlu, eu_exams, task_yamls
 from conftest import REPO, SHARED_DATA, read_jsonl, tiny_catalog, write_experiment, run_folders

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from benchharness import __version__
-from benchharness.distributed import RankZeroFailed
+from benchharness.run.distributed import RankZeroFailed
 from benchharness.errors import HarnessError
 
 log = logging.getLogger("benchharness")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args.lm_eval_arguments = lm_eval_arguments
     args.argv = argv  # `run --processes N` launches the same command line again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from benchharness.data import default_cache_dir
+    from benchharness.suites.registry import default_cache_dir
 
     cache_dir = args.cache or default_cache_dir()
     try:
@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.config import Overrides, load_experiment
-    from benchharness.distributed import check_parallel, init_from_env, launch, launched_world_size, shutdown, strip_processes
-    from benchharness.runner import find_resumable, preflight, run_experiment
-    from benchharness.yamlfile import validate
+    from benchharness.config.experiment import Overrides, load_experiment
+    from benchharness.run.distributed import check_parallel, init_from_env, launch, launched_world_size, shutdown, strip_processes
+    from benchharness.run.plan import find_resumable, preflight
+    from benchharness.run.runner import run_experiment
+    from benchharness.config.yamlfile import validate
 
     given = {k: getattr(args, k) for k in ("limit", "models", "suites", "device", "output", "engine", "batch_size", "set") if getattr(args, k) not in (None, [])}
     overrides = validate(Path("command line"), given, Overrides, prefix="--")
@@ -202,9 +203,9 @@ def _run_started_since(output_dir: Path, config_hash: str, since: dt.datetime) -
 
 
 def cmd_speed(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.config import Overrides, load_experiment
-    from benchharness.speed import run_speed_only
-    from benchharness.yamlfile import validate
+    from benchharness.config.experiment import Overrides, load_experiment
+    from benchharness.run.speed_command import run_speed_only
+    from benchharness.config.yamlfile import validate
 
     given = {k: getattr(args, k) for k in ("models", "device", "set") if getattr(args, k) not in (None, [])}
     experiment = load_experiment(args.config, validate(Path("command line"), given, Overrides, prefix="--"))
@@ -213,7 +214,7 @@ def cmd_speed(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.verify import verify_run
+    from benchharness.store.verify import verify_run
 
     problems = verify_run(args.run)
     for line in problems:
@@ -226,7 +227,7 @@ def cmd_verify(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_report(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.report import build_report
+    from benchharness.report.render import build_report
 
     for run in args.runs:
         if not (run / "manifest.json").is_file():
@@ -237,7 +238,7 @@ def cmd_report(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_index(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.results_db import default_store, index_runs
+    from benchharness.store.results_db import default_store, index_runs
 
     store = args.store or default_store(Path(args.runs[0]).resolve().parent)
     done, refused = index_runs(args.runs, store)
@@ -251,7 +252,7 @@ def cmd_index(args: argparse.Namespace, cache_dir: Path) -> int:
 def cmd_query(args: argparse.Namespace, cache_dir: Path) -> int:
     import pandas as pd
 
-    from benchharness.results_db import query
+    from benchharness.store.results_db import query
 
     frame = query(args.sql, args.store)
     if args.format == "csv":
@@ -265,15 +266,15 @@ def cmd_query(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.leaderboard import write_leaderboard
+    from benchharness.report.leaderboard import write_leaderboard
 
     print(write_leaderboard(args.store, args.output))
     return 0
 
 
 def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.catalog import load_catalog
-    from benchharness.sources import availability
+    from benchharness.config.catalog import load_catalog
+    from benchharness.models.sources import availability
 
     catalog = load_catalog(args.catalog)
     print(f"{'name':36} {'origin':6} {'params':7} {'organisation':34} available here")
@@ -286,7 +287,7 @@ def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_suites(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.data import SUITES
+    from benchharness.suites.registry import SUITES
 
     for suite in SUITES.values():
         ok, detail = suite.availability()
@@ -301,7 +302,7 @@ def cmd_suites(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.data import SUITES, get_suite, prepare_suite, render_tasks
+    from benchharness.suites.registry import SUITES, get_suite, prepare_suite, render_tasks
 
     names = list(SUITES) if args.suites == ["all"] else args.suites
     for name in names:
@@ -318,8 +319,8 @@ def cmd_prepare(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.catalog import load_catalog
-    from benchharness.sources import resolve_model
+    from benchharness.config.catalog import load_catalog
+    from benchharness.models.sources import resolve_model
 
     catalog = load_catalog(args.catalog)
     for name in args.models:
@@ -329,7 +330,7 @@ def cmd_fetch(args: argparse.Namespace, cache_dir: Path) -> int:
 
 
 def cmd_lm_eval(args: argparse.Namespace, cache_dir: Path) -> int:
-    from benchharness.lm_eval_cli import run_lm_eval
+    from benchharness.engine.lm_eval_cli import run_lm_eval
 
     return run_lm_eval(args.lm_eval_arguments, cache_dir / "tasks")
 

@@ -3,7 +3,7 @@
 What torch runs for a transformers model on a CPU leaves speed behind in two places:
 
 - Linear layers go to the BLAS behind `torch.matmul` (MKL in the official wheels), which on
-  AMD EPYC reaches 155-200 GFLOP/s on these models' shapes where oneDNN (`benchharness.onednn`)
+  AMD EPYC reaches 155-200 GFLOP/s on these models' shapes where oneDNN (`benchharness.engine.onednn`)
   reaches 200-228, and a decode step's small products run up to 30% faster.
 - Gated MLPs (`down(act(gate(x)) * up(x))`) run the activation and the product as separate
   passes over [tokens, intermediate]; oneDNN fuses both into the gate and up products.
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.activations import GELUTanh, SiLUActivation
 
-from benchharness.onednn import onednn_available, onednn_linear, onednn_linear_times
+from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_linear_times
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})

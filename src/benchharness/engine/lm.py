@@ -50,7 +50,7 @@ from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
 from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
-from benchharness.perf import weight_bytes
+from benchharness.engine.model_costs import weight_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,6 @@
-"""Per-suite data preparation: each module turns one raw source into prepared JSONL files."""
+"""Stage 3, suites: each suite's raw data prepared into fingerprinted JSONL, and the task YAMLs rendered for lm-eval.
+
+Takes: a suite name and where its data is. Gives: prepared files in the cache, their
+fingerprint, and lm-eval task YAMLs pointing at them (`registry.py`; one preparer per source).
+Imports: config, models.
+"""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchharness.sources import package_dir
+from benchharness.models.sources import package_dir
 
 Records = list[dict[str, Any]]
 # Prepared files of one data source: path relative to its folder -> records, in final order.

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from benchharness.errors import DataError
-from benchharness.sources import package_dir
+from benchharness.models.sources import package_dir
 from benchharness.suites.common import DataSource, Located, PreparedFiles, Records
 
 INSTALL = "make install  (pip install --no-deps evals==3.0.1.post1)"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from benchharness import __version__
-from benchharness.config import Experiment
-from benchharness.sources import ResolvedModel
+from benchharness.config.experiment import Experiment
+from benchharness.models.sources import ResolvedModel
 
 
 def initial_manifest(

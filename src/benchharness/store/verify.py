@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchharness.manifest import fingerprint_sha256
-from benchharness.sources import sha256_file
-from benchharness.store import describe_status
+from benchharness.store.manifest import fingerprint_sha256
+from benchharness.files import sha256_file
+from benchharness.store.run_folder import describe_status
 
 
 def verify_run(folder: Path) -> list[str]:

@@ -11,10 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from benchharness.catalog import Catalog, ModelEntry, load_catalog, normalise_sources, resolve_local_paths
+from benchharness.config.catalog import Catalog, ModelEntry, load_catalog, normalise_sources, resolve_local_paths
 from benchharness.errors import ConfigError
-from benchharness.perf import ProbeSpec
-from benchharness.yamlfile import read_yaml_mapping, validate
+from benchharness.config.speed_spec import ProbeSpec
+from benchharness.config.yamlfile import read_yaml_mapping, validate
 
 
 class _Strict(BaseModel):

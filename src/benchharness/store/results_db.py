@@ -24,9 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from benchharness import protocol
+from benchharness.store import protocol
 from benchharness.errors import HarnessError
-from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS
+from benchharness.measure.probe import THROUGHPUT_COLUMNS
+from benchharness.store.score_rows import SCORE_COLUMNS
 
 STORE_NAME = "runs.sqlite"
 SCHEMA_VERSION = 2  # 2: runs.parity
@@ -112,7 +113,7 @@ def check_indexable(folder: Path) -> tuple[dict[str, Any], list[str]]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return {}, [f"{manifest_path}: not readable as a run manifest ({exc})"]
-    from benchharness.sources import sha256_file
+    from benchharness.files import sha256_file
 
     problems = []
     if manifest.get("status") != "complete":

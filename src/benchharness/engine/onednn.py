@@ -4,7 +4,7 @@ On the CPU, `torch.matmul` and `nn.Linear` call the BLAS torch was built with (M
 official wheels); oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's
 CPU backend emits) is a second fp32 kernel. On AMD EPYC it is 10-40% faster on transformer
 shapes. The engine runs its linear layers on it (`engine/cpu_kernels.py`), so the machine
-limits measure both (`perf.measure_machine_limits`).
+limits measure both (`measure.limits.measure_machine_limits`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ A run is distributed when a launcher started it: `accelerate launch`, `torchrun`
 `python -m torch.distributed.run` all set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT. Without them (WORLD_SIZE unset or 1) nothing here is used and a run is a plain
 single process, exactly as before.
+
+accelerate's `PartialState.main_process_first()` / `local_main_process_first()` do what
+`main_first` does on the happy path, but when the main process raises inside the block the
+others stay at their barrier until the process group's timeout (here 12 hours): bad input
+found by rank 0 would hang every other rank. `main_first` and `on_main` broadcast rank 0's
+failure instead, so every rank stops at once with one line. They are kept for that reason.
 """
 
 from __future__ import annotations

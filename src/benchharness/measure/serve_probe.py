@@ -18,7 +18,12 @@ from benchharness.engine.continuous import Prompt, SlotPlan, generate
 from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import split_model
 from benchharness.engine.kv_slots import bytes_per_token
-from benchharness.perf import MachineLimits, MemorySampler, ServeSpec, ThroughputRow, matmul_params, summarize, synthetic_prompt
+from benchharness.measure.limits import MachineLimits
+from benchharness.measure.memory import MemorySampler
+from benchharness.config.speed_spec import ServeSpec
+from benchharness.measure.probe import ThroughputRow, synthetic_prompt
+from benchharness.engine.model_costs import matmul_params
+from benchharness.measure.timing import summarize
 
 
 def run_serve_probe(

@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from benchharness.report import ALPHA, N_BOOT, add_group_rows, aggregate_speed, choose_primary
-from benchharness.stats import bootstrap_ci
-from benchharness.results_db import connect
-from benchharness.store import atomic_write_text
+from benchharness.files import atomic_write_text
+from benchharness.report.collect import ALPHA, N_BOOT, add_group_rows, aggregate_speed, choose_primary
+from benchharness.scorers.stats import bootstrap_ci
+from benchharness.store.results_db import connect
 
 log = logging.getLogger(__name__)
 

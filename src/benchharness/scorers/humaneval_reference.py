@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchharness.sandbox import Limits, run_python
+from benchharness.scorers.sandbox import Limits, run_python
 
 
 def reference_verdicts(cases: list[tuple[dict[str, Any], str]], timeout_s: float = 3.0) -> list[str]:

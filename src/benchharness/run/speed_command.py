@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from benchharness.config import Experiment
-from benchharness.perf import ProbeSpec, format_rows, measure_machine_limits, run_speed_probe
-from benchharness.runner import probe_kernels, serve_rows
-from benchharness.sources import load_model, pick_device, pick_dtype, resolve_model
+from benchharness.config.experiment import Experiment
+from benchharness.config.speed_spec import ProbeSpec
+from benchharness.measure.probe import format_rows, run_speed_probe
+from benchharness.measure.limits import measure_machine_limits
+from benchharness.run.runner import probe_kernels, serve_rows
+from benchharness.models.sources import load_model, pick_device, pick_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,11 @@
 Everything that can fail on bad input (unknown suite, missing data, missing or corrupted
 weights, unwritable output folder) is checked before the run folder is created, so a
 failed start leaves nothing behind. Once running, every finished task is written at
-once (atomically); the manifest says which are done and whether the run completed.
-"""
+once (atomically); the manifest says which are done and whether the run completed."""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -19,44 +17,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 import pandas as pd
 import torch
 from tqdm import tqdm
-
-from benchharness.catalog import ModelEntry
-from benchharness.config import Experiment, SuiteSpec
-from benchharness.data import SUITES, check_task_data_offline, prepare_suite, render_tasks
-from benchharness.distributed import DistContext, check_parallel, main_first, on_main
+from benchharness.config.catalog import ModelEntry
+from benchharness.config.experiment import Experiment, SuiteSpec
+from benchharness.run.distributed import DistContext, check_parallel, main_first, on_main
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
 from benchharness.errors import HarnessError
-from benchharness.lm_eval_results import merge as merge_lm_eval
-from benchharness.lm_eval_results import render as render_lm_eval
-from benchharness.lm_eval_results import results_file, suite_payload
-from benchharness.manifest import fingerprint_sha256, initial_manifest, initial_parity
-from benchharness.metered import MeteredLM
-from benchharness.scoring import macro_average, subject_scores
-from benchharness.perf import (
-    MachineLimits, MatmulParams, MemorySampler, ProbeSpec, decode_read_bytes, hardware_info, load_timer, matmul_params, measure_machine_limits,
-    run_speed_probe,
-)
-from benchharness.sources import ResolvedModel, load_model, pick_device, pick_dtype, resolve_model, sha256_file
-from benchharness.store import SCORE_COLUMNS, THROUGHPUT_COLUMNS, RunStore, atomic_write_text, run_process
+from benchharness.store.lm_eval_results import merge as merge_lm_eval
+from benchharness.store.lm_eval_results import render as render_lm_eval
+from benchharness.store.lm_eval_results import results_file, suite_payload
+from benchharness.store.manifest import fingerprint_sha256, initial_manifest, initial_parity
+from benchharness.measure.metered import MeteredLM
+from benchharness.measure.limits import MachineLimits, measure_machine_limits
+from benchharness.engine.model_costs import decode_read_bytes, matmul_params
+from benchharness.measure.memory import MemorySampler
+from benchharness.config.speed_spec import ProbeSpec
+from benchharness.measure.hardware import hardware_info
+from benchharness.measure.probe import load_timer, run_speed_probe
+from benchharness.models.sources import ResolvedModel, load_model, pick_device, pick_dtype, sha256_file
+from benchharness.files import atomic_write_text
+from benchharness.measure.probe import THROUGHPUT_COLUMNS, DecodeBytes, eval_rows
+from benchharness.run.plan import PlannedSuite, new_run_id, preflight, resumable_manifest
+from benchharness.store.run_folder import RunStore
+from benchharness.store.score_rows import SCORE_COLUMNS, macro_rows, prompt_hash, sample_record, score_rows_for
+
 
 log = logging.getLogger(__name__)
-
-# Task config fields that make up the prompt; their hash goes into the manifest.
-PROMPT_FIELDS = ("description", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter", "fewshot_delimiter", "num_fewshot", "fewshot_config", "generation_kwargs", "filter_list", "output_type")
-
-
-@dataclass(frozen=True)
-class PlannedSuite:
-    """A suite to run: a harness suite over prepared data, or a stock/user lm-eval task or group."""
-
-    spec: SuiteSpec
-    task: str
-    fingerprint: str | None  # of the prepared data; None for tasks whose data the harness does not prepare
-    n_items: int | None
 
 
 @dataclass
@@ -76,115 +64,6 @@ class ModelUpdate:
 
 # Keys of manifest models.<name> that hold one value per task: an update adds to them.
 _PER_TASK_INFO = ("eval_wall_seconds", "requests", "parity")
-
-
-def new_run_id(experiment: Experiment, now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{experiment.config_hash()}"
-
-
-def plan_suites(experiment: Experiment, cache_dir: Path) -> tuple[list[PlannedSuite], Any]:
-    """Prepare the harness's suites, render the task YAMLs, check the other tasks exist and have data.
-
-    Returns the plan and the lm-eval TaskManager that knows every task in it.
-    """
-    from lm_eval.tasks import TaskManager
-
-    data_root = cache_dir / "data"
-    planned: list[PlannedSuite] = []
-    stock: list[SuiteSpec] = []
-    for spec in experiment.suites:
-        if spec.name in SUITES:
-            prepared = prepare_suite(SUITES[spec.name], data_root, sources=experiment.data_sources)
-            planned.append(PlannedSuite(spec, prepared.task, prepared.fingerprint, prepared.n_items))
-        else:
-            stock.append(spec)
-            planned.append(PlannedSuite(spec, spec.name, None, None))
-    tasks_dir = render_tasks(experiment.tasks_dir, data_root, cache_dir / "tasks")
-    # Indexing lm-eval's task folders takes seconds: do it once per run, and index lm-eval's own
-    # ~27,000 task YAMLs (tens of seconds) only when a suite is in none of the harness's or the
-    # experiment's folders.
-    paths = [str(tasks_dir), *map(str, experiment.include_paths)]
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    if any(spec.name not in manager.all_tasks for spec in stock):
-        manager = TaskManager(include_path=paths)
-    for spec in stock:
-        if spec.name not in manager.all_tasks:
-            raise HarnessError(
-                f"{experiment.source_file}: suites: unknown suite '{spec.name}': neither a harness suite ({', '.join(SUITES)}) "
-                "nor an lm-eval task or group. Fix: check the name (`benchharness suites`, `lm_eval ls tasks`) or add its YAML folder to include_paths."
-            )
-        # Read the raw YAML configs: building lm-eval's Task objects would already load (download) the data.
-        for config in raw_task_configs(manager, spec.name):
-            problem = check_task_data_offline(config)
-            if problem:
-                raise HarnessError(f"{experiment.source_file}: suites: {problem}")
-    return planned, manager
-
-
-def raw_task_configs(manager: Any, name: str) -> list[dict[str, Any]]:
-    """The unprocessed configs of the leaf tasks behind a task, group or tag name in lm-eval's index."""
-    from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = manager.task_index.get(name)
-    if entry is None:
-        return []
-    if entry.kind == Kind.TAG:
-        return [cfg for other in manager.task_index.values() if name in other.tags for cfg in raw_task_configs(manager, other.name)]
-    config = entry.cfg or (load_yaml(entry.yaml_path, resolve_func=False, recursive=True) if entry.yaml_path else {})
-    if entry.kind != Kind.GROUP:
-        return [{"task": name, **config}]
-    children = config.get("task", [])
-    out: list[dict[str, Any]] = []
-    for child in children if isinstance(children, list) else [children]:
-        if isinstance(child, str):
-            out += raw_task_configs(manager, child)
-        elif isinstance(child, dict) and "dataset_path" in child:
-            out.append(child)
-        elif isinstance(child, dict) and isinstance(child.get("task"), str):
-            out += raw_task_configs(manager, child["task"])
-    return out
-
-
-def check_output_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{time.time_ns()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise HarnessError(f"output folder {folder} is not writable ({exc.strerror or exc}). Fix: pass --output DIR or set output_dir to a folder you can write.") from exc
-
-
-def find_resumable(output_dir: Path, config_hash: str) -> Path:
-    """The newest run folder in `output_dir` made from the same config that did not complete."""
-    candidates = []
-    for manifest_path in sorted(output_dir.glob(f"*-{config_hash}/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("status") != "complete":
-            candidates.append(manifest_path.parent)
-    if not candidates:
-        raise HarnessError(f"--resume: no unfinished run of this config (hash {config_hash}) in {output_dir}. Fix: run without --resume, or pass the run folder: --resume results/<run_id>.")
-    return candidates[-1]
-
-
-def preflight(experiment: Experiment, cache_dir: Path, resume: Path | None = None, writes: bool = True) -> tuple[list[PlannedSuite], Any, dict[str, ResolvedModel]]:
-    """Every check on input that needs no run folder: suites and their data (prepared into the
-    cache), model weights (resolved, converted into the cache), the output folder, a resumed run.
-
-    Raises HarnessError naming the problem; `--processes N` calls it before launching anything.
-    `writes`: this process writes the run folder (rank 0), so check the output folder too.
-    """
-    if resume is not None:
-        _resumable_manifest(RunStore(resume), experiment)
-    log.info("stage 1/3: preparing suite data")
-    planned, task_manager = plan_suites(experiment, cache_dir)
-    log.info("stage 2/3: resolving model weights")
-    resolved = {m.name: resolve_model(m, cache_dir) for m in experiment.models}
-    if writes:
-        check_output_writable(resume.parent if resume is not None else experiment.output_dir)
-    return planned, task_manager, resolved
 
 
 def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None = None, dist: DistContext | None = None) -> Path:
@@ -222,7 +101,7 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
             data_fingerprints = {p.spec.name: p.fingerprint for p in planned}
             manifest = initial_manifest(experiment, store.folder.name, started, data_fingerprints, resolved, device, dtype, hardware_info())
         else:
-            manifest = _resumable_manifest(store, experiment)
+            manifest = resumable_manifest(store, experiment)
             _check_same_inputs(store, manifest, planned, resolved)
             manifest["volatile"]["resumed"].append(started.isoformat())
             # The process now running it, and where (an earlier one may have been killed).
@@ -305,7 +184,7 @@ def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
 
 def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The run's parity certificate from the per-task records in `models.<name>.parity`."""
-    from benchharness.certificate import summary
+    from benchharness.run.certificate import summary
 
     config = manifest.get("config") or {}
     if config.get("engine") == "hf":
@@ -366,24 +245,6 @@ def _commit(store: RunStore, manifest: dict[str, Any], update: ModelUpdate, scor
         _record_file(store, manifest, store.write_table("scores.csv", score_rows, SCORE_COLUMNS))
     _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
     store.write_manifest(manifest)
-
-
-def _resumable_manifest(store: RunStore, experiment: Experiment) -> dict[str, Any]:
-    if not store.manifest_path.is_file():
-        raise HarnessError(f"--resume {store.folder}: no manifest.json there. Fix: pass a run folder under results/.")
-    manifest = store.read_manifest()
-    if manifest.get("config_hash") != experiment.config_hash():
-        raise HarnessError(
-            f"--resume {store.folder}: that run was made from config hash {manifest.get('config_hash')}, this config (with its overrides) has {experiment.config_hash()}. "
-            "Fix: resume with the same config file and command-line overrides."
-        )
-    if manifest.get("status") == "complete":
-        raise HarnessError(f"--resume {store.folder}: that run is already complete. Fix: start a new run without --resume.")
-    # A run killed by the system still says "running"; one whose process is alive must not get a second writer.
-    pid = (manifest.get("volatile") or {}).get("pid")
-    if manifest.get("status") == "running" and run_process(manifest) == "alive" and pid != os.getpid():
-        raise HarnessError(f"--resume {store.folder}: that run is still going (process {pid} on this host). Fix: wait for it, or stop it first.")
-    return manifest
 
 
 def _check_same_inputs(store: RunStore, manifest: dict[str, Any], planned: list[PlannedSuite], resolved: dict[str, ResolvedModel]) -> None:
@@ -492,7 +353,7 @@ def _evaluate_model(
             update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
-        update.speed_rows.extend(_eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits, decode_bytes))
+        update.speed_rows.extend(eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits, decode_bytes))
         update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
         update.lm_eval_results = suite_payload(results, entry.name, experiment.engine, chat, wall)
         # Requests answered by the model now (every rank; lm-eval pads short ranks with repeats),
@@ -519,68 +380,6 @@ def _evaluate_model(
     del model, lm, metered
 
 
-@dataclass(frozen=True)
-class DecodeBytes:
-    """What one decode step reads: every weight once, and each running row's keys and values."""
-
-    weights: int
-    kv_per_token: int  # one cache slot of one row, every layer
-
-
-def _eval_rows(
-    entry: ModelEntry, task: str, per_rank: list[dict[str, Any]], batch_size: int | str,
-    params: MatmulParams, limits: MachineLimits | None, decode_bytes: DecodeBytes | None = None,
-) -> list[dict[str, Any]]:
-    """Throughput of the evaluation itself: tokens scored per second, and tokens generated per second.
-
-    `eval` / `eval_generate` are the whole evaluation: every rank's tokens over the seconds of
-    the slowest rank (ranks run at the same time). With several ranks, `eval_rank<N>` /
-    `eval_generate_rank<N>` rows give rank N's own figures (the report reads `eval`).
-    `achieved_flops` counts useful work only: the model body over every needed token and the
-    output layer where a token is scored or generated. For `eval_generate` with the engine,
-    `bandwidth_efficiency` is the decode steps' bytes (every weight per step, plus each running
-    row's cached keys and values, padding slots included) over their own seconds, over the
-    in-run memory bandwidth.
-    """
-    # With batch_size auto the chosen budget is in the manifest (models.<name>.batch), not a single number.
-    batch = batch_size if isinstance(batch_size, int) else None
-    # Ranks on one shared device (the CPU) share its peak; ranks on their own GPUs add theirs up.
-    devices = len({c["device"] for c in per_rank})
-
-    def useful_flops(phase: str, c: dict[str, Any]) -> float:
-        if phase.startswith("eval_generate"):
-            return params.generation_flops(int(c["generate_prompt_tokens"]), int(c["generated_tokens"]))
-        return 2.0 * (params.body * int(c["prompt_tokens"]) + params.head * int(c["scored_tokens"]))
-
-    def row(phase: str, tokens: int, seconds: float, flops: float, peak_mb: float, peak_flops: float | None) -> dict[str, Any]:
-        rate = tokens / seconds
-        achieved = flops / seconds
-        return {
-            **_row(entry, task=task, phase=phase, batch=batch, tokens=tokens, reps=1),
-            "seconds": round(seconds, 4), "tokens_per_s": round(rate, 2), "peak_memory_mb": round(peak_mb, 1),
-            "achieved_flops": achieved, "flops_efficiency": achieved / peak_flops if peak_flops else None,
-        }
-
-    rows = []
-    for phase, tokens_key, seconds_key in (("eval", "prompt_tokens", "score_seconds"), ("eval_generate", "generated_tokens", "generate_seconds")):
-        tokens = sum(int(c[tokens_key]) for c in per_rank)
-        seconds = max(float(c[seconds_key]) for c in per_rank)
-        if tokens == 0 or seconds <= 0:
-            continue
-        peak = max(float(c["peak_memory_mb"]) for c in per_rank)
-        flops = sum(useful_flops(phase, c) for c in per_rank)
-        rows.append(row(phase, tokens, seconds, flops, peak, limits.peak_flops * devices if limits else None))
-        decode_seconds = max(float(c.get("decode_seconds", 0.0)) for c in per_rank)
-        if phase == "eval_generate" and decode_bytes is not None and limits is not None and decode_seconds > 0:
-            read = sum(int(c["decode_steps"]) * decode_bytes.weights + int(c["decode_kv_slot_reads"]) * decode_bytes.kv_per_token for c in per_rank)
-            rows[-1]["bandwidth_efficiency"] = read / decode_seconds / (limits.peak_bandwidth * devices)
-        if len(per_rank) > 1:
-            for rank, c in enumerate(per_rank):
-                if c[tokens_key] and c[seconds_key] > 0:
-                    rows.append(row(f"{phase}_rank{rank}", int(c[tokens_key]), float(c[seconds_key]), useful_flops(phase, c), float(c["peak_memory_mb"]), limits.peak_flops if limits else None))
-    return rows
-
-
 def _record_file(store: RunStore, manifest: dict[str, Any], path: Path) -> None:
     manifest["files"][str(path.relative_to(store.folder))] = sha256_file(path)
 
@@ -589,7 +388,7 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
     """The lm-eval model for the configured engine."""
     batch_size = experiment.inference.batch_size
     if experiment.engine == "hf":
-        from benchharness.reference import ReferenceLM
+        from benchharness.engine.reference import ReferenceLM
 
         # lm-eval's hf model; on a CPU its `auto` batch is sized from memory (reference.py says why).
         return ReferenceLM(model, tokenizer, batch_size, device)
@@ -602,14 +401,14 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
 def make_reference_lm(model: Any, tokenizer: Any, device: str) -> Any:
     """lm-eval's own `hf` model over the already loaded weights: the parity certificate's reference,
     with a batch that fits memory (`auto`: lm-eval's probe on a GPU, memory-bounded on a CPU)."""
-    from benchharness.reference import ReferenceLM
+    from benchharness.engine.reference import ReferenceLM
 
     return ReferenceLM(model, tokenizer, "auto", device)
 
 
 def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experiment, dtype: str, model_name: str) -> dict[str, dict[str, Any]]:
     """The parity certificate of each task of a suite (certificate.py)."""
-    from benchharness.certificate import certify_task
+    from benchharness.run.certificate import certify_task
 
     records = {}
     for task_name, samples in results["samples"].items():
@@ -643,7 +442,7 @@ def serve_rows(
     it measures the engine's own scheduler."""
     if probe.serve is None or engine != "benchharness":
         return []
-    from benchharness.serve_probe import run_serve_probe
+    from benchharness.measure.serve_probe import run_serve_probe
 
     log.info("%s: serving scenario %s", name, probe.serve.model_dump())
     return run_serve_probe(model, tokenizer, probe.serve, device, seed=probe.seed, limits=limits, model_name=name, origin=origin)
@@ -665,7 +464,6 @@ def evaluate_task(
     Sharded over several processes, lm-eval returns the gathered results on rank 0 and None elsewhere.
     `alone`: a process of a launched group that evaluates the whole task itself (parallel: models).
     """
-    import lm_eval
 
     # lm-eval returns results only where LOCAL_RANK is 0 (and names the request cache after it):
     # a process evaluating on its own is, for lm-eval, local rank 0.
@@ -705,112 +503,13 @@ def _simple_evaluate(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, see
     )
 
 
-def sample_record(sample: dict[str, Any], with_prompt: bool = True) -> dict[str, Any]:
-    """One line of samples/<model>/<task>.jsonl from an lm-eval sample.
-
-    With `with_prompt`, the text the model was given is kept beside its hash, as lm-eval's
-    `--log_samples` keeps it: `prompt` (the rendered context, chat template applied where it
-    was), `continuations` (the answers scored, for loglikelihood requests); `prompts` where one
-    document's requests had different contexts. Off (`log_prompts: false`) for private data.
-    """
-    doc = sample.get("doc", {})
-    metrics = {m: sample[m] for m in sample.get("metrics", []) if m in sample}
-    record: dict[str, Any] = {
-        "doc_id": sample["doc_id"],
-        "subject": doc.get("subject"),
-        "prompt_hash": sample.get("prompt_hash"),
-        "doc_hash": sample.get("doc_hash"),
-        "filter": sample.get("filter", "none"),
-        "target": sample.get("target"),
-        "metrics": metrics,
-    }
-    filtered = sample.get("filtered_resps", [])
-    if filtered and isinstance(filtered[0], (list, tuple)) and len(filtered[0]) == 2 and isinstance(filtered[0][0], float):
-        lls = [float(r[0]) for r in filtered]
-        record["loglikelihoods"] = lls
-        record["pred"] = max(range(len(lls)), key=lls.__getitem__)
-    else:
-        record["response"] = filtered[0] if filtered else None
-        record["pred"] = record["response"]
-    if with_prompt:
-        record.update(prompt_text(sample.get("arguments") or []))
-    primary = "acc" if "acc" in metrics else next(iter(metrics), None)
-    # Right or wrong only for per-item scores; perplexities log (loglikelihood, length) pairs.
-    value = metrics.get(primary) if primary is not None else None
-    record["correct"] = bool(value >= 1.0) if isinstance(value, (int, float)) else None
-    return record
-
-
-def prompt_text(arguments: list[Any]) -> dict[str, Any]:
-    """The prompt fields of a sample record from its requests' arguments: (context, continuation)
-    for loglikelihood, (context, generation settings) for generation, (text,) for rolling."""
-    contexts = [str(a[0]) for a in arguments if isinstance(a, (list, tuple)) and a]
-    out: dict[str, Any] = {}
-    if contexts:
-        if all(c == contexts[0] for c in contexts):
-            out["prompt"] = contexts[0]
-        else:
-            out["prompts"] = contexts
-    continuations = [a[1] for a in arguments if isinstance(a, (list, tuple)) and len(a) > 1 and isinstance(a[1], str)]
-    if continuations:
-        out["continuations"] = continuations
-    return out
-
-
-def score_rows_for(
-    entry: ModelEntry, suite: str, task: str, task_results: dict[str, Any], records: list[dict[str, Any]], seed: int, n: int | None = None,
-) -> list[dict[str, Any]]:
-    """scores.csv rows of one task: stderr and a seeded bootstrap CI from the per-item values.
-
-    Without records (a group), stderr is lm-eval's pooled one and the CI is left empty.
-    """
-    from benchharness.stats import bootstrap_ci, mean_stderr
-
-    rows = []
-    for key, value in task_results.items():
-        metric, _, filt = key.partition(",")
-        if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-            continue
-        # A task with several filters (e.g. GSM8K's answer extractors) logs each item once per filter.
-        logged = [r["metrics"][metric] for r in records if metric in r["metrics"] and r.get("filter", "none") == filt]
-        # Corpus-level metrics (perplexities) log a pair per item, not a score: no per-item interval.
-        per_item = [float(v) for v in logged if isinstance(v, (int, float))] if all(isinstance(v, (int, float)) for v in logged) else []
-        low, high = bootstrap_ci(per_item, seed=seed) if per_item else (None, None)
-        pooled = task_results.get(f"{metric}_stderr,{filt}")
-        stderr = mean_stderr(per_item) if per_item else (float(pooled) if isinstance(pooled, (int, float)) else None)
-        rows.append(
-            {
-                "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
-                "metric": metric if filt == "none" else f"{metric},{filt}", "value": float(value),
-                "stderr": stderr, "ci_low": low, "ci_high": high, "n": len(per_item) if per_item else (len(logged) or n),
-            }
-        )
-    return rows
-
-
-def macro_rows(entry: ModelEntry, suite: str, task: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`acc_macro`: the mean over subjects of per-subject accuracy (MMLU's headline), for tasks whose items have subjects."""
-    scores = subject_scores(records, metric="acc")
-    if len(scores) < 2:
-        return []
-    return [{
-        "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
-        "metric": "acc_macro", "value": macro_average(scores), "stderr": None, "ci_low": None, "ci_high": None, "n": len(records),
-    }]
-
-
-def prompt_hash(task_config: dict[str, Any]) -> str:
-    fields = {k: task_config.get(k) for k in PROMPT_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _row(entry: ModelEntry, **values: Any) -> dict[str, Any]:
     return {"model": entry.name, "origin": entry.origin, **values}
 
 
 def _add_to_results_store(folder: Path) -> None:
     """A complete run joins the results store beside it (results/runs.sqlite)."""
-    from benchharness.results_db import default_store, index_runs
+    from benchharness.store.results_db import default_store, index_runs
 
     store = default_store(folder.parent)
     try:
@@ -826,7 +525,7 @@ def _add_to_results_store(folder: Path) -> None:
 
 def _write_report(folder: Path) -> None:
     try:
-        from benchharness.report import write_run_report
+        from benchharness.report.render import write_run_report
 
         write_run_report(folder)
     except Exception as exc:  # the report is derived; a failure here must not lose the results

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchharness.catalog import GgufSource, HubSource, LocalSource, ModelEntry, PackSource, Source
+from benchharness.config.catalog import GgufSource, HubSource, LocalSource, ModelEntry, PackSource, Source
+from benchharness.files import sha256_file
 from benchharness.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,6 @@ def availability(src: Source, cache_dir: Path) -> Availability:
     if cached is not None:
         return Availability(True, f"hub {src.hub} in the local hub cache")
     return Availability(False, f"hub {src.hub}: not in the local hub cache (needs the hub)")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_model(entry: ModelEntry, cache_dir: Path) -> ResolvedModel:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from benchharness.errors import DataError
-from benchharness.store import atomic_write_text
+from benchharness.files import atomic_write_text
 from benchharness.suites import cmmlu, eu_exams, gsm8k, humaneval, mmlu
-from benchharness.suites.common import DataSource, Located, stratified_order
+from benchharness.suites.common import DataSource, stratified_order
 
 __all__ = [
     "SUITES", "Suite", "PreparedSuite", "DataSource", "get_suite", "prepare_suite", "prepare_data", "render_tasks",
@@ -85,7 +84,7 @@ def _suite(name: str, task: str, description: str, data: DataSource | tuple[Data
     return Suite(name, task, description, data if isinstance(data, tuple) else (data,), note, members)
 
 
-_MMLU_NOTE = "acc per item; the benchmark's headline is the macro average over the 57 subjects (benchharness.scoring.macro_average over samples' subject)"
+_MMLU_NOTE = "acc per item; the benchmark's headline is the macro average over the 57 subjects (benchharness.scorers.hooks.macro_average over samples' subject)"
 _CMMLU_NOTE = "one task per subject (limit is per subject); group acc = macro average over the 67 subjects"
 _EU_NOTE = "one task per language (limit is per language); group acc = macro average over the 10 languages"
 _GSM_NOTE = "exact_match on the final number (flexible: last number or 'The answer is N'); strict_match needs 'The answer is N'"

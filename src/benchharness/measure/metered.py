@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import torch
 from lm_eval.api.model import LM
 
 from benchharness.engine.batching import distinct_prefix_tokens
 
-if TYPE_CHECKING:
-    from benchharness.distributed import DistContext
+
+class ProcessGroup(Protocol):
+    """What the metered model needs of a data-parallel run's process group (`run.distributed.DistContext`
+    is one): defined here so that measurement does not import the stage that runs it."""
+
+    rank: int
+    world_size: int
+    device: str
+
+    def all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+    def gather(self, obj: Any) -> list[Any] | None: ...
 
 
 class MeteredLM(LM):
@@ -30,7 +43,7 @@ class MeteredLM(LM):
     engine only this rank's shard of each task and gathers the samples on rank 0.
     """
 
-    def __init__(self, inner: LM, tokenizer: Any, dist: DistContext | None = None) -> None:
+    def __init__(self, inner: LM, tokenizer: Any, dist: ProcessGroup | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.tokenizer = tokenizer

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchharness.errors import ConfigError
-from benchharness.yamlfile import read_yaml_mapping, validate
+from benchharness.config.yamlfile import read_yaml_mapping, validate
 
 Origin = Literal["CN", "US", "EU"]
 

@@ -17,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from benchharness.sandbox import Limits, SandboxResult
+    from benchharness.scorers.sandbox import Limits, SandboxResult
 
 # A number as models write it: optional sign and $, thousands separators, decimals.
 _NUMBER = re.compile(r"(?<![\w.])[-−]?\s?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])[-−]?\.\d+")
@@ -77,7 +77,7 @@ def humaneval_check(doc: Mapping[str, Any], completion: str, limits: Limits | No
     """Check a completion in the sandbox: the prompt + completion run as the untrusted program;
     the prompt (for its helpers) and the tests run as the trusted checker, which calls the
     program's `entry_point` across the boundary."""
-    from benchharness.sandbox import Limits, run_check
+    from benchharness.scorers.sandbox import Limits, run_check
 
     return run_check(
         program=f"{doc['prompt']}{completion}\n",
@@ -106,7 +106,7 @@ def humaneval_process_results(doc: Mapping[str, Any], results: list[str]) -> dic
     """lm-eval process_results for HumanEval: pass@1 of the greedy completion, one 0/1 metric
     per failure cause (`fail_<category>`, so the scores say how many failed by assertion, by
     timeout or limit, by sandbox refusal ...), and the sandbox's record."""
-    from benchharness.sandbox import FAILURE_CATEGORIES
+    from benchharness.scorers.sandbox import FAILURE_CATEGORIES
 
     outcome = humaneval_check(doc, results[0] if results else "")
     metrics: dict[str, Any] = {"pass@1": float(outcome.passed)}

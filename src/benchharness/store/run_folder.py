@@ -9,46 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from benchharness.errors import HarnessError
+from benchharness.files import atomic_write_text
 
-SCORE_COLUMNS = ["model", "origin", "build", "suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
-THROUGHPUT_COLUMNS = [
-    "model", "origin", "task", "phase", "batch", "prompt_len", "new_tokens", "tokens", "seconds", "tokens_per_s",
-    "tokens_per_s_min", "tokens_per_s_max", "tokens_per_s_p25", "tokens_per_s_p75", "ttft_s",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "peak_memory_mb", "achieved_flops",
-    "flops_efficiency", "bandwidth_efficiency", "reps", "ttft_p90_s", "ttft_p99_s",
-]
 # Counts stay integers in the CSV even where some rows leave them empty.
 INTEGER_COLUMNS = {"n", "batch", "prompt_len", "new_tokens", "tokens", "reps"}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename.
-
-    On any failure the temporary file is removed and `path` keeps its previous content;
-    an OSError (disk full, permissions) becomes one clear HarnessError naming the file.
-    """
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise HarnessError(f"could not write {path}: {exc.strerror or exc}. Fix: free disk space or choose a writable folder (--output, --cache), then finish the run with --resume.") from exc
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def process_alive(pid: int) -> bool:
@@ -103,11 +72,6 @@ def _is_harness(pid: int) -> bool:
         return b"benchharness" in Path(f"/proc/{pid}/cmdline").read_bytes() or pid == os.getpid()
     except OSError:
         return True  # no /proc here: trust the pid
-
-
-def _remove(tmp: str | None) -> None:
-    if tmp is not None:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class RunStore:

@@ -1,6 +1,6 @@
 """The sandbox's child side: applies the isolation layers, runs the untrusted program, and checks it.
 
-Run by `benchharness.sandbox` as `python -I -S sandbox_child.py CONFIG_JSON`: standard library
+Run by `benchharness.scorers.sandbox` as `python -I -S sandbox_child.py CONFIG_JSON`: standard library
 only, no harness imports (the harness's files are not even visible once the layers are on).
 
 Three processes, so that the program can never report its own verdict:
