@@ -15,7 +15,7 @@ ifneq ($(wildcard ../shared/data/cmmlu/test),)
 export BENCHHARNESS_CMMLU_DIR ?= $(abspath ../shared/data/cmmlu)
 endif
 
-.PHONY: install bench report leaderboard test test-fast prepare models suites clean-venv
+.PHONY: install install-llamacpp bench report leaderboard test test-fast gpu-check prepare models suites clean-venv
 
 install: $(STAMP)
 
@@ -34,6 +34,26 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/packs.txt
 	$(PIP) install -q -c requirements/constraints.txt -e '.[test]'
 	$(PIP) install -q --no-deps --require-hashes -r requirements/packs.txt
 	touch $(STAMP)
+
+# engine: llamacpp. llama-cpp-python is built from its registry source (a few minutes on 2 cores),
+# portable x86-64 (AVX2/FMA/F16C, no AVX-512 or AMX: a -march=native build can die with SIGILL in a
+# VM that lists instructions it does not run); set LLAMACPP_CMAKE_ARGS to build otherwise. The wheel
+# is kept in the user cache, named by version and flags, so later installs reuse it.
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX_VNNI=OFF
+LLAMACPP_WHEELS ?= $(HOME)/.cache/benchharness/wheels/llama-cpp-python-$(LLAMACPP_VERSION)-$(shell printf '%s' "$(LLAMACPP_CMAKE_ARGS)" | sha256sum | cut -c1-12)
+
+install-llamacpp: install
+	@if $(PY) -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMACPP_VERSION)')" 2>/dev/null; then \
+		echo "llama-cpp-python $(LLAMACPP_VERSION) already installed"; \
+	else \
+		if ! ls $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+			echo "building llama-cpp-python $(LLAMACPP_VERSION) from source (a few minutes)"; \
+			mkdir -p $(LLAMACPP_WHEELS) && \
+			CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) wheel -q --no-cache-dir --no-deps -w $(LLAMACPP_WHEELS) llama-cpp-python==$(LLAMACPP_VERSION); \
+		fi; \
+		$(PIP) install -q $(LLAMACPP_WHEELS)/llama_cpp_python-*.whl; \
+	fi
 
 bench: install
 	$(BH) run $(CONFIG)
@@ -55,13 +75,19 @@ models: install
 suites: install
 	$(BH) suites
 
-test: install
+test: install install-llamacpp
 	@# The HTML report test renders report.html in headless Chromium (Debian's package).
 	sh scripts/install-chromium.sh
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
+
+# On a machine with a CUDA GPU: the three packs through benchharness (bf16), hf (bf16) and vllm
+# on MMLU and GSM8K subsets; writes a parity and speed table under results/.
+gpu-check: install
+	$(PIP) install -q -e '.[vllm]'
+	$(PY) benchmarks/gpu_check.py --output results
 
 clean-venv:
 	rm -rf $(VENV)

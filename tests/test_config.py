@@ -79,7 +79,7 @@ def test_inline_model(tmp_path: Path) -> None:
         (GOOD.replace("name: t\n", ""), "name: required key is missing"),
         (GOOD.replace("gemma-3-270m-q4km", "no-such-model"), "models[1]: unknown model 'no-such-model'"),
         (GOOD.replace("gemma-3-270m-q4km", "smollm2-135m-instruct-q41"), "listed twice"),
-        (GOOD.replace("inference:", "engine: vllm\ninference:"), "engine"),
+        (GOOD.replace("inference:", "engine: tgi\ninference:"), "engine"),
     ],
 )
 def test_bad_files_name_file_key_and_fix(tmp_path: Path, body: str, expected: str) -> None:

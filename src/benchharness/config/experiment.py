@@ -17,6 +17,13 @@ from benchharness.config.speed_spec import ProbeSpec
 from benchharness.config.yamlfile import read_yaml_mapping, validate
 
 
+# benchharness: the harness's engine; hf: lm-eval's HFLM (the reference); llamacpp: the GGUF file
+# as it is through llama.cpp; vllm / sglang: lm-eval's classes for those GPU engines.
+Engine = Literal["benchharness", "hf", "llamacpp", "vllm", "sglang"]
+# Engines that run the weights themselves: the harness loads only the tokenizer and config.
+EXTERNAL_ENGINES = ("llamacpp", "vllm", "sglang")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +57,23 @@ class InferenceSpec(_Strict):
         return value
 
 
+class LlamaCppSpec(_Strict):
+    """`engine: llamacpp`: how llama.cpp runs the GGUF file."""
+
+    n_ctx: int = Field(default=2048, gt=0, description="context length; llama.cpp keeps n_ctx x vocabulary logits")
+    n_threads: int | None = Field(default=None, gt=0, description="threads; null: every core this process may use")
+    n_batch: int = Field(default=512, gt=0, description="tokens per llama.cpp decode call")
+
+
+class GpuEngineSpec(_Strict):
+    """`engine: vllm` or `engine: sglang` (through lm-eval's model classes): how they spread a model over GPUs."""
+
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    data_parallel_size: int = Field(default=1, gt=0)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of each GPU's memory the engine may take")
+    max_model_len: int | None = Field(default=None, gt=0, description="context length; null: the model's own")
+
+
 class ParitySpec(_Strict):
     """The parity certificate: per model, task and request type, this many requests (whole
     documents) re-answered by lm-eval's `hf` model and compared with the engine's; 0 turns it off."""
@@ -70,8 +94,10 @@ class ExperimentFile(_Strict):
     log_prompts: bool = Field(default=True, description="keep each item's prompt text in samples/*.jsonl (false for private data)")
     models: list[str | dict[str, Any]] = Field(min_length=1)
     suites: list[str | SuiteSpec] = Field(min_length=1)
-    engine: Literal["hf", "benchharness"] = "benchharness"
+    engine: Engine = "benchharness"
     inference: InferenceSpec = InferenceSpec()
+    llamacpp: LlamaCppSpec = Field(default_factory=LlamaCppSpec, description="engine: llamacpp settings")
+    gpu_engine: GpuEngineSpec = Field(default_factory=GpuEngineSpec, description="engine: vllm / sglang settings")
     seed: int = 1234
     output_dir: Path = Path("results")
     speed: ProbeSpec | None = Field(default_factory=ProbeSpec, description="the fixed-shape speed probe; null turns it off")
@@ -95,8 +121,10 @@ class Experiment(_Strict):
     models: list[ModelEntry]
     log_prompts: bool = True
     suites: list[SuiteSpec]
-    engine: Literal["hf", "benchharness"]
+    engine: Engine
     inference: InferenceSpec
+    llamacpp: LlamaCppSpec = LlamaCppSpec()
+    gpu_engine: GpuEngineSpec = GpuEngineSpec()
     seed: int
     output_dir: Path
     speed: ProbeSpec | None
@@ -109,11 +137,16 @@ class Experiment(_Strict):
         `parallel` only says how processes share the work (results are the same), and `parity` how
         many of the engine's answers are re-checked (the scores are the same), and `log_prompts` only
         whether prompt text is kept beside the hashes, so these are left out;
-        `inference.device_map` only when unset, so configs written before it keep their hash.
+        `inference.device_map` only when unset, so configs written before it keep their hash; an
+        engine's own section (`llamacpp`, `gpu_engine`) only when that engine runs.
         """
         data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel", "parity", "log_prompts"})
         if data["inference"].get("device_map") is None:
             data["inference"].pop("device_map", None)
+        if self.engine != "llamacpp":
+            data.pop("llamacpp")
+        if self.engine not in ("vllm", "sglang"):
+            data.pop("gpu_engine")
         return data
 
     def config_hash(self) -> str:
@@ -129,7 +162,7 @@ class Overrides(_Strict):
     suites: list[str] | None = None
     device: str | None = None
     output: Path | None = None
-    engine: Literal["hf", "benchharness"] | None = None
+    engine: Engine | None = None
     batch_size: int | Literal["auto"] | None = None
     # `--set key.path=value`: any key of the experiment file, applied to the file's content before
     # it is validated (so a value is checked like one written in the file, and changes the hash).
@@ -213,6 +246,11 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
     if overrides.batch_size is not None:
         inference = inference.model_copy(update={"batch_size": overrides.batch_size})
 
+    engine = overrides.engine or spec.engine
+    if engine == "llamacpp":
+        # llama.cpp runs the GGUF file as it is: the build behind every score says so.
+        models = [m.model_copy(update={"build": quantized_build(m.build)}) for m in models]
+
     # The file's paths are relative to the file; a command-line --output to the current folder.
     output_dir = overrides.output if overrides.output is not None else _relative_to(base, spec.output_dir)
     return Experiment(
@@ -227,14 +265,21 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         log_prompts=spec.log_prompts,
         models=models,
         suites=suites,
-        engine=overrides.engine or spec.engine,
+        engine=engine,
         inference=inference,
         seed=spec.seed,
         output_dir=output_dir,
         speed=spec.speed,
         parallel=spec.parallel,
         parity=spec.parity,
+        llamacpp=spec.llamacpp,
+        gpu_engine=spec.gpu_engine,
     )
+
+
+def quantized_build(build: str) -> str:
+    """A catalog build as llama.cpp runs it: the GGUF's own quantized kernels, not dequantized weights."""
+    return build.replace(" dequantized", "").rstrip(", ") + "; run quantized by llama.cpp"
 
 
 def _model_entry(path: Path, index: int, item: str | dict[str, Any], catalog: Catalog) -> ModelEntry:

@@ -133,6 +133,73 @@ def _resolve_source(entry: ModelEntry, src: Source, cache_dir: Path) -> Resolved
     return _from_hub(entry, src, cache_dir)
 
 
+def gguf_file(entry: ModelEntry, cache_dir: Path) -> Path:
+    """The model's GGUF file as it is (for engines that run it quantized): a `gguf` source's file,
+    a pack's parts assembled once into `<cache>/gguf/<name>-<sha12>.gguf`, or a hub GGUF in the hub
+    cache; always checked against the recorded sha256."""
+    reasons: list[str] = []
+    for src in entry.sources:
+        if isinstance(src, GgufSource):
+            path = src.gguf.expanduser()
+            if path.is_file():
+                _check_sha(entry, path, src.sha256, str(path))
+                return path
+            reasons.append(f"gguf: {path} not found")
+        elif isinstance(src, PackSource):
+            parts, missing = pack_parts(src)
+            if missing:
+                reasons.append(f"pack: {', '.join(missing)} not installed ({src.install})")
+                continue
+            target = cache_dir / "gguf" / f"{entry.name}-{src.sha256[:12]}.gguf"
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = target.with_name(target.name + ".partial")
+                with partial.open("wb") as out:
+                    for part in parts:
+                        with part.open("rb") as fh:
+                            shutil.copyfileobj(fh, out, 1 << 22)
+                _check_sha(entry, partial, src.sha256, src.install)
+                partial.rename(target)
+            return target
+        elif isinstance(src, HubSource) and src.gguf_file:
+            folder = _hub_cached(src)
+            if folder is not None and (folder / src.gguf_file).is_file():
+                return folder / src.gguf_file
+            reasons.append(f"hub: {src.hub}/{src.gguf_file} not in the local hub cache")
+        else:
+            reasons.append(f"{src.kind}: not a GGUF build")
+    raise SourceError(f"model '{entry.name}': engine llamacpp runs a GGUF file, and none is available here ({'; '.join(reasons)}). "
+                      "Fix: give the model a `pack` or `gguf` source (or a hub source with gguf_file), or choose another engine.")
+
+
+def _check_sha(entry: ModelEntry, path: Path, expected: str | None, how_to_fix: str) -> None:
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        if path.name.endswith(".partial"):
+            path.unlink(missing_ok=True)
+        raise SourceError(f"model '{entry.name}': GGUF sha256 mismatch: expected {expected}, got {actual} ({path}). Fix: reinstall it ({how_to_fix}).")
+
+
+def load_tokenizer(resolved: ResolvedModel, entry: ModelEntry) -> Any:
+    """The tokenizer of a resolved model alone (engines that load the weights themselves)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=entry.trust_remote_code)
+
+
+def load_skeleton(resolved: ResolvedModel, entry: ModelEntry) -> Any:
+    """The model's architecture with no weights (on the meta device): its parameter counts, for
+    the useful-FLOP figures of engines that run the weights themselves."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=entry.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=entry.trust_remote_code)
+
+
 def _from_gguf_parts(entry: ModelEntry, parts: list[Path], sha256: str | None, source: dict[str, Any], cache_dir: Path) -> ResolvedModel:
     """Assemble (concatenate) GGUF parts, verify the hash, convert once into a safetensors folder."""
     models_dir = cache_dir / "models"

@@ -216,6 +216,8 @@ def describe_batch(batch: Any) -> str:
     if not isinstance(batch, dict):
         return _compact(batch)
     method, size = batch.get("budget_method"), batch.get("batch_size")
+    if batch.get("engine") in ("llamacpp", "vllm", "sglang"):
+        return str(batch.get("how") or batch.get("engine"))
     if batch.get("engine") == "hf":
         if method == "memory-bounded":
             shapes = sorted({(int(c["batch_size"]), int(c["tokens"])) for c in batch.get("choices") or []}, key=lambda bt: -bt[1])

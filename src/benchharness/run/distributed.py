@@ -233,6 +233,9 @@ def check_parallel(experiment: Any, world_size: int) -> None:
     if world_size <= 1:
         return
     source = experiment.source_file
+    if experiment.engine in ("llamacpp", "vllm", "sglang"):
+        raise ConfigError(f"{source}: engine: {experiment.engine} runs as one process (vllm and sglang spread a model themselves: "
+                          "gpu_engine.tensor_parallel_size / data_parallel_size). Fix: run it without --processes or a launcher.")
     if experiment.inference.device_map is not None:
         raise ConfigError(
             f"{source}: inference.device_map: {experiment.inference.device_map} spreads one model over every GPU of the machine, "

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from benchharness.config.experiment import Experiment, SuiteSpec
 from benchharness.suites.registry import SUITES, check_task_data_offline, prepare_suite, render_tasks
-from benchharness.errors import HarnessError
-from benchharness.models.sources import ResolvedModel, resolve_model
+from benchharness.errors import ConfigError, HarnessError
+from benchharness.models.sources import ResolvedModel, gguf_file, resolve_model
 from benchharness.store.run_folder import RunStore, run_process
 
 log = logging.getLogger(__name__)
@@ -134,13 +134,38 @@ def preflight(experiment: Experiment, cache_dir: Path, resume: Path | None = Non
     """
     if resume is not None:
         resumable_manifest(RunStore(resume), experiment)
+    check_engine(experiment)
     log.info("stage 1/3: preparing suite data")
     planned, task_manager = plan_suites(experiment, cache_dir)
     log.info("stage 2/3: resolving model weights")
     resolved = {m.name: resolve_model(m, cache_dir) for m in experiment.models}
+    if experiment.engine == "llamacpp":
+        for entry in experiment.models:  # the GGUF file itself, verified, for llama.cpp to run
+            resolved[entry.name].extra["gguf"] = str(gguf_file(entry, cache_dir))
     if writes:
         check_output_writable(resume.parent if resume is not None else experiment.output_dir)
     return planned, task_manager, resolved
+
+
+def check_engine(experiment: Experiment) -> None:
+    """The chosen engine can run here: its package is installed (and for the GPU engines, a GPU
+    is present); said in one line before any data is prepared or model loaded."""
+    import importlib.util
+
+    engine = experiment.engine
+    if engine == "llamacpp":
+        from benchharness.engine.llamacpp import import_llama_cpp
+
+        import_llama_cpp()
+    elif engine in ("vllm", "sglang"):
+        import torch
+
+        if importlib.util.find_spec(engine) is None:
+            raise ConfigError(f"{experiment.source_file}: engine: {engine}: the {engine} package is not installed here. "
+                              f"Fix: `pip install -e '.[{engine}]'` on a machine with an NVIDIA GPU, or choose engine: benchharness.")
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{experiment.source_file}: engine: {engine} needs a CUDA GPU and torch sees none on this machine. "
+                              "Fix: run it where there is one, or choose engine: benchharness (CPU or GPU) or llamacpp (GGUF on a CPU).")
 
 
 def resumable_manifest(store: RunStore, experiment: Experiment) -> dict[str, Any]:

@@ -17,32 +17,65 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 import pandas as pd
 import torch
 from tqdm import tqdm
+
 from benchharness.config.catalog import ModelEntry
-from benchharness.config.experiment import Experiment, SuiteSpec
-from benchharness.run.distributed import DistContext, check_parallel, main_first, on_main
+from benchharness.config.experiment import EXTERNAL_ENGINES, Experiment, SuiteSpec
+from benchharness.config.speed_spec import ProbeSpec
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
+from benchharness.engine.model_costs import decode_read_bytes, matmul_params
 from benchharness.errors import HarnessError
+from benchharness.files import atomic_write_text, sha256_file
+from benchharness.measure.hardware import hardware_info
+from benchharness.measure.limits import MachineLimits, measure_machine_limits
+from benchharness.measure.memory import MemorySampler
+from benchharness.measure.metered import MeteredLM
+from benchharness.measure.probe import (
+    THROUGHPUT_COLUMNS,
+    DecodeBytes,
+    eval_rows,
+    load_timer,
+    run_speed_probe,
+)
+from benchharness.models.sources import (
+    ResolvedModel,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
+from benchharness.run.distributed import (
+    DistContext,
+    check_parallel,
+    main_first,
+    on_main,
+)
+from benchharness.run.plan import (
+    PlannedSuite,
+    new_run_id,
+    preflight,
+    resumable_manifest,
+)
 from benchharness.store.lm_eval_results import merge as merge_lm_eval
 from benchharness.store.lm_eval_results import render as render_lm_eval
 from benchharness.store.lm_eval_results import results_file, suite_payload
-from benchharness.store.manifest import fingerprint_sha256, initial_manifest, initial_parity
-from benchharness.measure.metered import MeteredLM
-from benchharness.measure.limits import MachineLimits, measure_machine_limits
-from benchharness.engine.model_costs import decode_read_bytes, matmul_params
-from benchharness.measure.memory import MemorySampler
-from benchharness.config.speed_spec import ProbeSpec
-from benchharness.measure.hardware import hardware_info
-from benchharness.measure.probe import load_timer, run_speed_probe
-from benchharness.models.sources import ResolvedModel, load_model, pick_device, pick_dtype, sha256_file
-from benchharness.files import atomic_write_text
-from benchharness.measure.probe import THROUGHPUT_COLUMNS, DecodeBytes, eval_rows
-from benchharness.run.plan import PlannedSuite, new_run_id, preflight, resumable_manifest
+from benchharness.store.manifest import (
+    fingerprint_sha256,
+    initial_manifest,
+    initial_parity,
+)
 from benchharness.store.run_folder import RunStore
-from benchharness.store.score_rows import SCORE_COLUMNS, macro_rows, prompt_hash, sample_record, score_rows_for
-
+from benchharness.store.score_rows import (
+    SCORE_COLUMNS,
+    macro_rows,
+    prompt_hash,
+    sample_record,
+    score_rows_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +96,7 @@ class ModelUpdate:
 
 
 # Keys of manifest models.<name> that hold one value per task: an update adds to them.
-_PER_TASK_INFO = ("eval_wall_seconds", "requests", "parity")
+_PER_TASK_INFO = ("eval_wall_seconds", "requests", "parity", "tokenization")
 
 
 def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None = None, dist: DistContext | None = None) -> Path:
@@ -182,6 +215,12 @@ def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
         _add_to_results_store(store.folder)
 
 
+def initial_parity_external(engine: str) -> dict[str, Any]:
+    return {"status": "not applicable", "requests_per_type": 0,
+            "note": f"engine: {engine} runs its own kernels ({'the quantized GGUF file' if engine == 'llamacpp' else 'its own precision and kernels'}); "
+                    "its results are not expected to equal the fp32 reference's"}
+
+
 def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The run's parity certificate from the per-task records in `models.<name>.parity`."""
     from benchharness.run.certificate import summary
@@ -189,6 +228,8 @@ def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     config = manifest.get("config") or {}
     if config.get("engine") == "hf":
         return {"status": "reference engine", "note": "engine: hf is lm-eval's own model: nothing to compare"}
+    if config.get("engine") in EXTERNAL_ENGINES:
+        return dict(initial_parity_external(str(config.get("engine"))))
     requests = int((manifest.get("parity") or {}).get("requests_per_type", 0))
     per_model = {name: info["parity"] for name, info in manifest.get("models", {}).items() if info.get("parity")}
     if requests == 0 and not per_model:
@@ -301,17 +342,26 @@ def _evaluate_model(
     """
     main = dist is None or dist.is_main
     log.info("%s (%s): loading from %s on %s, %s", entry.name, entry.origin, resolved.path, device, dtype)
+    # llama.cpp, vLLM and SGLang load the weights themselves: the harness reads only the tokenizer
+    # and the architecture (for the useful-FLOP counts), never a second copy of the weights.
+    external = experiment.engine in EXTERNAL_ENGINES
     with load_timer("load_warm", device) as load:
-        model, tokenizer = load_model(resolved, entry, dtype, device, experiment.inference.device_map)
+        if external:
+            model, tokenizer = load_skeleton(resolved, entry), load_tokenizer(resolved, entry)
+            lm = make_external_lm(experiment, entry, resolved, tokenizer, dtype)
+        else:
+            model, tokenizer = load_model(resolved, entry, dtype, device, experiment.inference.device_map)
     load_rows = [load.row(entry.name, entry.origin).to_dict()]
     if resolved.converted_now:
         load_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
-    lm = make_lm(experiment, model, tokenizer, device)
+    if not external:
+        lm = make_lm(experiment, model, tokenizer, device)
     # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
     model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3)}
     params = matmul_params(model)
-    decode_bytes = DecodeBytes(
+    # Decode bytes are the fp32 weights' and cache's: not what a quantized external engine reads.
+    decode_bytes = None if external else DecodeBytes(
         weights=decode_read_bytes(model),
         kv_per_token=kv_bytes_per_token(model.config.get_text_config(), next(model.parameters()).dtype),
     )
@@ -353,6 +403,14 @@ def _evaluate_model(
             update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
+        if experiment.engine == "llamacpp":
+            from benchharness.engine.llamacpp import tokenization_check
+
+            update.info["engine_build"] = lm.describe()
+            # The GGUF's tokenizer against the transformers one, on this suite's own request texts.
+            texts = [str(a[0]) + (a[1] if len(a) > 1 and isinstance(a[1], str) else "")
+                     for samples in results["samples"].values() for s in samples for a in s["arguments"]]
+            update.info["tokenization"] = {item.task: tokenization_check(lm, tokenizer, texts)}
         update.speed_rows.extend(eval_rows(entry, item.task, per_rank, experiment.inference.batch_size, params, limits, decode_bytes))
         update.info["eval_wall_seconds"] = {item.task: round(wall, 3)}
         update.lm_eval_results = suite_payload(results, entry.name, experiment.engine, chat, wall)
@@ -367,7 +425,10 @@ def _evaluate_model(
             update.info["parity"] = certify_tasks(reference, results, experiment, dtype, entry.name)
         yield update
 
-    if experiment.speed is not None:
+    if experiment.speed is not None and external:
+        log.info("%s: no fixed-shape speed probe with engine %s (it runs on the harness's torch model); "
+                 "the eval rows of throughput.csv are this engine's own", entry.name, experiment.engine)
+    elif experiment.speed is not None:
         # Data-parallel: rank 0 probes while the others wait, so the probe has the device to itself.
         if main:
             log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
@@ -377,6 +438,8 @@ def _evaluate_model(
             yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
         if dist is not None:
             dist.barrier()
+    if hasattr(lm, "close"):
+        lm.close()
     del model, lm, metered
 
 
@@ -396,6 +459,30 @@ def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> 
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
                          seed=experiment.seed)
+
+
+def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: ResolvedModel, tokenizer: Any, dtype: str) -> Any:
+    """The lm-eval model of an engine that loads the weights itself: llama.cpp on the GGUF file,
+    or lm-eval's own vLLM / SGLang classes on the model folder."""
+    if experiment.engine == "llamacpp":
+        from benchharness.engine.llamacpp import LlamaCppLM, LlamaCppSettings
+
+        spec = experiment.llamacpp
+        return LlamaCppLM(Path(resolved.extra["gguf"]), tokenizer,
+                          LlamaCppSettings(n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch, seed=experiment.seed))
+    from lm_eval.api.registry import get_model
+
+    gpu = experiment.gpu_engine
+    if experiment.engine == "vllm":
+        return get_model("vllm")(
+            pretrained=str(resolved.path), dtype=dtype, tensor_parallel_size=gpu.tensor_parallel_size,
+            data_parallel_size=gpu.data_parallel_size, gpu_memory_utilization=gpu.gpu_memory_utilization,
+            max_model_len=gpu.max_model_len, seed=experiment.seed, trust_remote_code=entry.trust_remote_code,
+        )
+    return get_model("sglang")(
+        pretrained=str(resolved.path), dtype=dtype, tp_size=gpu.tensor_parallel_size, dp_size=gpu.data_parallel_size,
+        mem_fraction_static=gpu.gpu_memory_utilization, context_length=gpu.max_model_len, trust_remote_code=entry.trust_remote_code,
+    )
 
 
 def make_reference_lm(model: Any, tokenizer: Any, device: str) -> Any:
@@ -452,6 +539,11 @@ def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
     """How the batch size was chosen, for the manifest."""
     if experiment.engine == "hf":
         return lm.batch_info()
+    if experiment.engine == "llamacpp":
+        return {"engine": "llamacpp", "batch_size": 1, "budget_method": "none", "n_batch": lm.settings.n_batch,
+                "how": "one request at a time; requests sharing a context scored after one evaluation of it"}
+    if experiment.engine in EXTERNAL_ENGINES:
+        return {"engine": experiment.engine, "batch_size": "auto", "budget_method": "none", "how": f"{experiment.engine}'s own scheduler"}
     return {"engine": "benchharness", **lm.batch_info}
 
 

@@ -75,6 +75,8 @@ def initial_parity(experiment: Experiment) -> dict[str, Any]:
     """The manifest's `parity` while the run is going; the runner replaces it with the certificate's summary at the end."""
     if experiment.engine == "hf":
         return {"status": "reference engine", "requests_per_type": 0}
+    if experiment.engine in ("llamacpp", "vllm", "sglang"):
+        return {"status": "not applicable", "requests_per_type": 0}
     return {"status": "pending" if experiment.parity.requests else "off", "requests_per_type": experiment.parity.requests}
 
 
