@@ -125,7 +125,7 @@ def test_a_run_through_the_command_line(tmp_path: Path, smollm2: tuple[Path, obj
     assert manifest["status"] == "complete" and manifest["parity"]["status"] == "not applicable"
     assert manifest["config"]["engine"] == "llamacpp" and manifest["config"]["llamacpp"]["n_ctx"] == 1024
     assert info["engine_build"]["llama_cpp_python"] and "AVX2 = 1" in info["engine_build"]["system_info"]
-    assert info["engine_build"]["threads"] == 2 and info["batch"]["engine"] == "llamacpp"
+    assert info["engine_build"]["threads"] == 2 and info["batch"]["engine"] == "llamacpp" and info["dtype"] == "gguf"
     assert info["tokenization"]["bh_mmlu"] == {"texts": 16, "differ": 0, "first_difference": None}
     scores = pd.read_csv(run / "scores.csv")
     assert set(scores["task"]) == {"bh_mmlu", "bh_gsm8k_cot_zeroshot"}
@@ -134,6 +134,8 @@ def test_a_run_through_the_command_line(tmp_path: Path, smollm2: tuple[Path, obj
     assert {"eval", "eval_generate", "load_warm"} <= set(speed["phase"]) and "prefill" not in set(speed["phase"])
     assert (speed.loc[speed.phase == "eval", "tokens_per_s"] > 0).all()
     assert main(["verify", str(run)]) == 0
+    report = (run / "report.md").read_text()  # the report reads the run as for the other engines
+    assert "run quantized by llama.cpp" in report and "one request at a time" in report
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])

@@ -34,7 +34,9 @@ def initial_manifest(
         models[entry.name] = {
             "origin": entry.origin, "organisation": entry.organisation, "family": entry.family, "params": entry.params,
             "license": entry.license, "build": entry.build, "source": res.source, "revision": res.revision,
-            "weights_sha256": res.weights_sha256, "dtype": dtype, "device": device, "engine": experiment.engine,
+            # llama.cpp computes in the GGUF file's own quantized types, not in `inference.dtype`.
+            "weights_sha256": res.weights_sha256, "dtype": "gguf" if experiment.engine == "llamacpp" else dtype,
+            "device": device, "engine": experiment.engine,
             "chat_template": False,
         }
     fingerprint = {
