@@ -117,8 +117,23 @@ def _held_experiment(folder: Path, tiny_model_dir: Path, suites: str) -> Path:
 def _start_held(config: Path, cache: Path, hold: Path) -> subprocess.Popen[str]:
     """The run in its own process, set to hold in held_mc's results step (writing `hold` then)."""
     env = {**os.environ, "BENCHHARNESS_TEST_HOLD": str(hold)}
-    return subprocess.Popen([sys.executable, "-m", "benchharness", "--cache", str(cache), "run", str(config)],
+    # SIGINT at its default and unblocked before the harness starts, as a shell starts a command: a
+    # disposition or mask left by something else in the test process would otherwise be inherited
+    # (an ignored SIGINT is kept across exec, and Python then installs no KeyboardInterrupt handler).
+    # A small launcher resets them and execs the harness in the same process (same pid).
+    launcher = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    return subprocess.Popen([sys.executable, "-c", launcher, "-m", "benchharness", "--cache", str(cache), "run", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _signal_state(pid: int) -> str:
+    """The SigBlk / SigIgn / SigCgt lines of a process, for a failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "(no /proc)"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def _wait_until_held(proc: subprocess.Popen[str], hold: Path) -> None:
@@ -208,6 +223,7 @@ def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path, c
         assert any(f"running (process {proc.pid})" in line for line in verify_run(run))
         assert main(["--cache", str(tmp_path / "cache"), "run", str(config), "--resume"]) == 2
         assert f"still going (process {proc.pid} on this host)" in capsys.readouterr().err
+        child_signals, our_signals = _signal_state(proc.pid), _signal_state(os.getpid())
         proc.send_signal(signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=60)
@@ -221,7 +237,7 @@ def test_ctrl_c_marks_the_run_incomplete(tmp_path: Path, tiny_model_dir: Path, c
             Path(str(hold) + ".interrupt").write_text("1")
             _, err = proc.communicate(timeout=120)
             warnings.warn("SIGINT was not acted on within 60 s; the held run was interrupted from inside instead. "
-                          "Stacks at that moment:\n" + err[-6000:])
+                          f"Child {child_signals}; test process {our_signals}. Stacks at that moment:\n" + err[-6000:])
     finally:
         proc.kill()
     assert proc.returncode == 130, f"exit code {proc.returncode}: {err[-1000:]}"
