@@ -8,8 +8,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 from benchharness import __version__
+from benchharness.config.experiment import Engine
 from benchharness.run.distributed import RankZeroFailed
 from benchharness.errors import HarnessError
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suites", type=_csv, help="comma-separated suite names, replacing the config's list")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--output", type=Path, help="folder for run folders (default: the config's output_dir)")
-    run.add_argument("--engine", choices=["benchharness", "hf", "llamacpp", "vllm", "sglang"], help="inference engine")
+    run.add_argument("--engine", choices=list(get_args(Engine)), help="inference engine")
     run.add_argument("--batch-size", type=_batch, help="batch size or 'auto'")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="set any key of the experiment file, e.g. --set inference.max_batch_tokens=2048 --set suites.0.limit=5 (value read as YAML; repeatable)")

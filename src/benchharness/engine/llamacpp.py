@@ -75,6 +75,7 @@ class LlamaCppLM(TemplateLM):
         self.gguf = Path(gguf)
         self.tokenizer = hf_tokenizer  # chat templates, and the metered model's token counts
         self.add_bos = bool(self.llm._model.add_bos_token())
+        self._bos_text = self.llm.detokenize([self.prefix_token_id]).decode("utf-8", errors="ignore")
         self.requests_scored = 0
         self.contexts_evaluated = 0
 
@@ -103,8 +104,7 @@ class LlamaCppLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """The GGUF's own tokenizer; BOS as the GGUF says (or as asked), special tokens parsed in the text."""
         add_bos = self.add_bos if add_special_tokens is None else bool(add_special_tokens)
-        bos_text = self.llm.detokenize([self.prefix_token_id]).decode("utf-8", errors="ignore") if add_bos else ""
-        if add_special_tokens is None and bos_text and string.startswith(bos_text):
+        if add_special_tokens is None and add_bos and self._bos_text and string.startswith(self._bos_text):
             add_bos = False  # the text already starts with BOS (a chat template put it there)
         return list(self.llm.tokenize(string.encode("utf-8"), add_bos=add_bos, special=True))
 
@@ -201,10 +201,9 @@ class LlamaCppLM(TemplateLM):
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record: llama.cpp's version and build, threads, context length."""
-        llama_cpp = import_llama_cpp()
         return {
-            "engine": "llamacpp", "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+            "engine": "llamacpp", "llama_cpp_python": self._llama_cpp.__version__,
+            "system_info": self._llama_cpp.llama_print_system_info().decode().strip(),
             "threads": self.threads, "n_ctx": self.max_length, "n_batch": self.settings.n_batch,
             "gguf": self.gguf.name, "add_bos": self.add_bos,
             "requests_scored": self.requests_scored, "contexts_evaluated": self.contexts_evaluated,

@@ -154,11 +154,7 @@ def gguf_file(entry: ModelEntry, cache_dir: Path) -> Path:
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 partial = target.with_name(target.name + ".partial")
-                with partial.open("wb") as out:
-                    for part in parts:
-                        with part.open("rb") as fh:
-                            shutil.copyfileobj(fh, out, 1 << 22)
-                _check_sha(entry, partial, src.sha256, src.install)
+                _assemble(entry, parts, partial, src.sha256, src.install)
                 partial.rename(target)
             return target
         elif isinstance(src, HubSource) and src.gguf_file:
@@ -172,13 +168,33 @@ def gguf_file(entry: ModelEntry, cache_dir: Path) -> Path:
                       "Fix: give the model a `pack` or `gguf` source (or a hub source with gguf_file), or choose another engine.")
 
 
+def _assemble(entry: ModelEntry, parts: list[Path], out_path: Path, expected: str | None, how_to_fix: str) -> str:
+    """Concatenate GGUF parts into `out_path`, hashing as it copies; the sha256, or SourceError
+    (and no file left) when it is not `expected`."""
+    log.info("%s: assembling %d part(s) and checking sha256", entry.name, len(parts))
+    digest = hashlib.sha256()
+    with out_path.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as fh:
+                while block := fh.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    actual = digest.hexdigest()
+    if expected is not None and actual != expected:
+        out_path.unlink(missing_ok=True)
+        raise SourceError(
+            f"model '{entry.name}': weights sha256 mismatch: expected {expected}, got {actual} "
+            f"(from {', '.join(str(p) for p in parts)}). The pack is corrupted or a different version. "
+            f"Fix: reinstall it ({how_to_fix})."
+        )
+    return actual
+
+
 def _check_sha(entry: ModelEntry, path: Path, expected: str | None, how_to_fix: str) -> None:
     if expected is None:
         return
     actual = sha256_file(path)
     if actual != expected:
-        if path.name.endswith(".partial"):
-            path.unlink(missing_ok=True)
         raise SourceError(f"model '{entry.name}': GGUF sha256 mismatch: expected {expected}, got {actual} ({path}). Fix: reinstall it ({how_to_fix}).")
 
 
@@ -211,22 +227,7 @@ def _from_gguf_parts(entry: ModelEntry, parts: list[Path], sha256: str | None, s
     gguf_dir = cache_dir / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     assembled = gguf_dir / f"{entry.name}.gguf.partial"
-    log.info("%s: assembling %d part(s) and checking sha256", entry.name, len(parts))
-    digest = hashlib.sha256()
-    with assembled.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as fh:
-                while block := fh.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-    actual = digest.hexdigest()
-    if sha256 is not None and actual != sha256:
-        assembled.unlink(missing_ok=True)
-        raise SourceError(
-            f"model '{entry.name}': weights sha256 mismatch: expected {sha256}, got {actual} "
-            f"(from {', '.join(str(p) for p in parts)}). The pack is corrupted or a different version. "
-            f"Fix: reinstall it ({source.get('install', 'reinstall the file')})."
-        )
+    actual = _assemble(entry, parts, assembled, sha256, source.get("install", "reinstall the file"))
     target = models_dir / f"{entry.name}-{actual[:12]}"
     if (target / MARKER).is_file():
         assembled.unlink(missing_ok=True)

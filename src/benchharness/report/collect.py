@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchharness.config.experiment import EXTERNAL_ENGINES
 from benchharness.errors import HarnessError
 from benchharness.scorers.stats import (
     bootstrap_ci,
@@ -216,7 +217,7 @@ def describe_batch(batch: Any) -> str:
     if not isinstance(batch, dict):
         return _compact(batch)
     method, size = batch.get("budget_method"), batch.get("batch_size")
-    if batch.get("engine") in ("llamacpp", "vllm", "sglang"):
+    if batch.get("engine") in EXTERNAL_ENGINES:
         return str(batch.get("how") or batch.get("engine"))
     if batch.get("engine") == "hf":
         if method == "memory-bounded":

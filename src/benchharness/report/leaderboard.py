@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import json
 import logging
 import os
 import sqlite3
@@ -257,8 +256,3 @@ def write_leaderboard(store: Path, out_dir: Path | None = None) -> Path:
     atomic_write_text(path, render(board, suites, primary, out_dir, store, generated))
     log.info("leaderboard of %d model runs written to %s", len(board), path)
     return path
-
-
-def board_json(board: pd.DataFrame) -> str:
-    """The board's rows as JSON (for tests and tools)."""
-    return json.dumps(board.to_dict(orient="records"), default=str)

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from benchharness.config.experiment import EXTERNAL_ENGINES
 from benchharness.errors import ConfigError, HarnessError, SourceError
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def check_parallel(experiment: Any, world_size: int) -> None:
     if world_size <= 1:
         return
     source = experiment.source_file
-    if experiment.engine in ("llamacpp", "vllm", "sglang"):
+    if experiment.engine in EXTERNAL_ENGINES:
         raise ConfigError(f"{source}: engine: {experiment.engine} runs as one process (vllm and sglang spread a model themselves: "
                           "gpu_engine.tensor_parallel_size / data_parallel_size). Fix: run it without --processes or a launcher.")
     if experiment.inference.device_map is not None:

@@ -64,6 +64,7 @@ from benchharness.store.lm_eval_results import merge as merge_lm_eval
 from benchharness.store.lm_eval_results import render as render_lm_eval
 from benchharness.store.lm_eval_results import results_file, suite_payload
 from benchharness.store.manifest import (
+    external_parity,
     fingerprint_sha256,
     initial_manifest,
     initial_parity,
@@ -215,12 +216,6 @@ def _finish(store: RunStore, manifest: dict[str, Any], status: str) -> None:
         _add_to_results_store(store.folder)
 
 
-def initial_parity_external(engine: str) -> dict[str, Any]:
-    return {"status": "not applicable", "requests_per_type": 0,
-            "note": f"engine: {engine} runs its own kernels ({'the quantized GGUF file' if engine == 'llamacpp' else 'its own precision and kernels'}); "
-                    "its results are not expected to equal the fp32 reference's"}
-
-
 def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The run's parity certificate from the per-task records in `models.<name>.parity`."""
     from benchharness.run.certificate import summary
@@ -229,7 +224,7 @@ def parity_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     if config.get("engine") == "hf":
         return {"status": "reference engine", "note": "engine: hf is lm-eval's own model: nothing to compare"}
     if config.get("engine") in EXTERNAL_ENGINES:
-        return dict(initial_parity_external(str(config.get("engine"))))
+        return external_parity(str(config.get("engine")))
     requests = int((manifest.get("parity") or {}).get("requests_per_type", 0))
     per_model = {name: info["parity"] for name, info in manifest.get("models", {}).items() if info.get("parity")}
     if requests == 0 and not per_model:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchharness import __version__
-from benchharness.config.experiment import Experiment
+from benchharness.config.experiment import EXTERNAL_ENGINES, Experiment
 from benchharness.models.sources import ResolvedModel
 
 
@@ -77,9 +77,16 @@ def initial_parity(experiment: Experiment) -> dict[str, Any]:
     """The manifest's `parity` while the run is going; the runner replaces it with the certificate's summary at the end."""
     if experiment.engine == "hf":
         return {"status": "reference engine", "requests_per_type": 0}
-    if experiment.engine in ("llamacpp", "vllm", "sglang"):
-        return {"status": "not applicable", "requests_per_type": 0}
+    if experiment.engine in EXTERNAL_ENGINES:
+        return external_parity(experiment.engine)
     return {"status": "pending" if experiment.parity.requests else "off", "requests_per_type": experiment.parity.requests}
+
+
+def external_parity(engine: str) -> dict[str, Any]:
+    """The parity record of an engine that runs its own kernels: nothing to certify against fp32."""
+    return {"status": "not applicable", "requests_per_type": 0,
+            "note": f"engine: {engine} runs its own kernels ({'the quantized GGUF file' if engine == 'llamacpp' else 'its own precision and kernels'}); "
+                    "its results are not expected to equal the fp32 reference's"}
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
