@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.md (and more) for one or several run folders")
     report.add_argument("runs", type=Path, nargs="+")
     report.add_argument("--output", type=Path, help="folder for the merged report")
+    report.add_argument("--published", type=Path, metavar="CATALOG",
+                        help="read published scores from this catalog for runs whose manifest has none (runs made before they were recorded)")
 
     index = sub.add_parser("index", help="add finished run folders to the results store (results/runs.sqlite)")
     index.add_argument("runs", type=Path, nargs="+")
@@ -234,7 +236,9 @@ def cmd_report(args: argparse.Namespace, cache_dir: Path) -> int:
     for run in args.runs:
         if not (run / "manifest.json").is_file():
             raise HarnessError(f"{run}: not a run folder (no manifest.json). Fix: pass folders under results/.")
-    paths = build_report(list(args.runs), args.output)
+    if args.published is not None and not args.published.is_file():
+        raise HarnessError(f"--published {args.published}: no such catalog file. Fix: e.g. --published configs/models.yaml.")
+    paths = build_report(list(args.runs), args.output, published=args.published)
     print(paths)
     return 0
 

@@ -67,6 +67,23 @@ class PackSource(_Strict):
 Source = Annotated[Union[HubSource, LocalSource, GgufSource, PackSource], Field(discriminator="kind")]
 
 
+class PublishedScore(_Strict):
+    """A score the model's makers (or a paper) published, with the protocol it was measured under
+    and where it was read. Compared with the harness's own in the report ("against published");
+    never part of a run's results or its config hash."""
+
+    suite: str = Field(min_length=1, description="the harness suite it corresponds to (mmlu, cmmlu, gsm8k, humaneval, ...)")
+    value: float = Field(ge=0, le=100, description="as published, in percent")
+    metric: str = Field(min_length=1, description="acc, exact_match, pass@1, ...")
+    shots: int | None = Field(ge=0, description="few-shot examples; null where the source does not say")
+    chat_template: bool | None = Field(description="measured through the chat template; null where the source does not say")
+    prompt: str = Field(min_length=1, description="the protocol as the source describes it, e.g. '5-shot', '4-shot CoT'")
+    variant: str = Field(min_length=1, description="the exact model the number is for, e.g. 'Qwen2.5-0.5B (base)'")
+    source: str = Field(min_length=1, description="URL of the model card, README or paper")
+    table: str = Field(min_length=1, description="where in the source (table, section)")
+    quote: str = Field(min_length=1, description="the row or sentence of the source that holds the number")
+
+
 class ModelEntry(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     origin: Origin
@@ -76,8 +93,10 @@ class ModelEntry(_Strict):
     license: str
     build: str = Field(default="full precision", description="quantization / variant actually evaluated")
     instruct: bool = False
+    reasoning: bool = Field(default=False, description="writes a reasoning block (<think>...</think>) before its answer")
     trust_remote_code: bool = False
     sources: list[Source] = Field(min_length=1)
+    published: list[PublishedScore] = Field(default_factory=list, description="scores its makers published, with protocol and source")
 
 
 class Catalog(_Strict):

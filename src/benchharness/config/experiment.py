@@ -32,6 +32,8 @@ class SuiteSpec(_Strict):
     name: str
     limit: int | None = Field(default=None, gt=0, description="items per task; a stratified, deterministic subset")
     num_fewshot: int | None = Field(default=None, ge=0)
+    max_gen_toks: int | None = Field(default=None, gt=0, description="tokens a generation task may write, every model (null: the task's own)")
+    reasoning_max_gen_toks: int | None = Field(default=None, gt=0, description="the same for reasoning models while they think (null: reasoning.max_gen_toks)")
 
 
 class InferenceSpec(_Strict):
@@ -74,6 +76,16 @@ class GpuEngineSpec(_Strict):
     max_model_len: int | None = Field(default=None, gt=0, description="context length; null: the model's own")
 
 
+class ReasoningSpec(_Strict):
+    """Reasoning models (catalog `reasoning: true`): their thinking switch, the markers of their
+    reasoning blocks, and how much room their generations get."""
+
+    thinking: bool | None = Field(default=None, description="passed to chat templates that have the switch (Qwen3's enable_thinking); null: the template's default")
+    start: str = Field(default="<think>", min_length=1, description="the marker that opens a reasoning block")
+    end: str = Field(default="</think>", min_length=1, description="the marker that closes it; the scorer sees only what follows")
+    max_gen_toks: int = Field(default=4096, gt=0, description="tokens a reasoning model may write on a generation task while thinking is on")
+
+
 class ParitySpec(_Strict):
     """The parity certificate: per model, task and request type, this many requests (whole
     documents) re-answered by lm-eval's `hf` model and compared with the engine's; 0 turns it off."""
@@ -105,6 +117,7 @@ class ExperimentFile(_Strict):
         default="data", description="with several processes: shard every task's items over them (data), or give each process whole models (models)"
     )
     parity: ParitySpec = Field(default_factory=ParitySpec, description="the run's parity certificate (engine: benchharness)")
+    reasoning: ReasoningSpec = Field(default_factory=ReasoningSpec, description="reasoning models: thinking switch, markers, generation room")
 
 
 class Experiment(_Strict):
@@ -130,6 +143,7 @@ class Experiment(_Strict):
     speed: ProbeSpec | None
     parallel: Literal["data", "models"] = "data"
     parity: ParitySpec = ParitySpec()
+    reasoning: ReasoningSpec = ReasoningSpec()
 
     def resolved(self) -> dict[str, Any]:
         """The content that decides results (paths of this machine left out), for hashing and the manifest.
@@ -143,6 +157,18 @@ class Experiment(_Strict):
         data = self.model_dump(mode="json", exclude={"source_file", "catalog", "tasks_dir", "include_paths", "data_sources", "output_dir", "description", "parallel", "parity", "log_prompts"})
         if data["inference"].get("device_map") is None:
             data["inference"].pop("device_map", None)
+        # Keys added since the first configs count only where they are set, so older configs keep
+        # their hash; published scores are read beside the results and never decide them.
+        for suite in data["suites"]:
+            for key in ("max_gen_toks", "reasoning_max_gen_toks"):
+                if suite.get(key) is None:
+                    suite.pop(key, None)
+        for model in data["models"]:
+            model.pop("published", None)
+            if not model.get("reasoning"):
+                model.pop("reasoning", None)
+        if not any(m.reasoning for m in self.models):
+            data.pop("reasoning")
         if self.engine != "llamacpp":
             data.pop("llamacpp")
         if self.engine not in ("vllm", "sglang"):
@@ -274,6 +300,7 @@ def load_experiment(path: Path, overrides: Overrides | None = None) -> Experimen
         parity=spec.parity,
         llamacpp=spec.llamacpp,
         gpu_engine=spec.gpu_engine,
+        reasoning=spec.reasoning,
     )
 
 

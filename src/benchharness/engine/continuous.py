@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from benchharness.engine import kv_slots
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
+from benchharness.engine.reasoning import stops_answer
 from benchharness.engine.scoring import PrefixState
 
 
@@ -41,6 +42,7 @@ class Prompt:
     tokens: tuple[int, ...]
     prefix: PrefixState | None = None
     max_new_tokens: int | None = None  # this prompt's own limit (None: the settings')
+    starts_open: bool = False  # the prompt leaves a reasoning block open (reasoning.opens_block)
 
 
 @dataclass
@@ -274,7 +276,7 @@ def generate(
             if len(row.outputs) >= (row.prompt.max_new_tokens or settings.max_new_tokens):
                 finish(row)
                 continue
-            if settings.stop_strings and any(stop in decode(row.outputs) for stop in settings.stop_strings):
+            if settings.stop_strings and stops_answer(decode(row.outputs), row.prompt.starts_open, settings.reasoning, settings.stop_strings):
                 finish(row)
                 continue
             keep.append(b)

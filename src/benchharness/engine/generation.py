@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchharness.engine.reasoning import Markers
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -29,6 +31,8 @@ class DecodeSettings:
     suppress_tokens: tuple[int, ...] = ()  # never generated
     begin_suppress_tokens: tuple[int, ...] = ()  # not generated first
     seed: int = 1234
+    # Reasoning markers: stop strings then apply to the answer after a reasoning block (reasoning.py).
+    reasoning: Markers | None = None
 
     @property
     def needs_histories(self) -> bool:

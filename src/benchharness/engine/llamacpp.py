@@ -30,6 +30,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from benchharness.errors import SourceError
+from benchharness.engine.reasoning import Markers, opens_block, stops_answer, strip_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class LlamaCppSettings:
     n_threads: int | None = None  # None: every core this process may use
     n_batch: int = 512
     seed: int = 1234
+    enable_thinking: bool | None = None  # the chat template's thinking switch (None: its default)
+    reasoning: Markers | None = None  # reasoning markers: stop strings end the answer, not the thinking
 
 
 class LlamaCppLM(TemplateLM):
@@ -78,6 +81,7 @@ class LlamaCppLM(TemplateLM):
         self._bos_text = self.llm.detokenize([self.prefix_token_id]).decode("utf-8", errors="ignore")
         self.requests_scored = 0
         self.contexts_evaluated = 0
+        self.reasoning_unfinished = 0
 
     # ----------------------------------------------------------------- lm-eval's interface
 
@@ -99,7 +103,8 @@ class LlamaCppLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", self.gguf.name)).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        switch = {} if self.settings.enable_thinking is None else {"enable_thinking": self.settings.enable_thinking}
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt, **switch)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """The GGUF's own tokenizer; BOS as the GGUF says (or as asked), special tokens parsed in the text."""
@@ -182,17 +187,22 @@ class LlamaCppLM(TemplateLM):
         self.llm.eval(prompt)
         generated: list[int] = []
         text = ""
+        markers = self.settings.reasoning
+        starts_open = markers is not None and opens_block(context, markers)
         for _ in range(max_new):
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             if token == self.eot_token_id or self._llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
                 break
             generated.append(token)
             text = self.tok_decode(generated)
-            if any(stop in text for stop in until):
+            if stops_answer(text, starts_open, markers, tuple(until)):
                 break
             if self.llm.n_tokens >= self.max_length:
                 break
             self.llm.eval([token])
+        if markers is not None:
+            text, unfinished = strip_reasoning(text, starts_open, markers)
+            self.reasoning_unfinished += int(unfinished)
         for stop in until:
             text = text.split(stop)[0]
         return text

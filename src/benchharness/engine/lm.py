@@ -49,6 +49,7 @@ from benchharness.engine.decode_settings import GenerationSettingError, decode_s
 from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
+from benchharness.engine.reasoning import Markers, opens_block, strip_reasoning
 from benchharness.engine.scoring import HeadQueue, PrefixState, run_body, run_prefix
 from benchharness.engine.model_costs import weight_bytes
 
@@ -84,6 +85,7 @@ class EngineStats:
     max_running_rows: int = 0
     decode_seconds: float = 0.0  # wall time of the decode steps, prefills excluded
     generated_tokens: int = 0
+    reasoning_unfinished: int = 0  # generations whose reasoning block never closed (scored as no answer)
 
 
 @register_model("benchharness")
@@ -109,6 +111,9 @@ class BenchEngineLM(TemplateLM):
         cpu_kernels: bool = True,
         check_model: bool = True,
         kv_cache_bytes: int | None = None,
+        enable_thinking: bool | str | None = None,
+        think_end_token: str | None = None,
+        think_start_token: str = "<think>",
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -140,6 +145,11 @@ class BenchEngineLM(TemplateLM):
         self.custom_prefix_token_id = prefix_token_id
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
+        # The chat template's thinking switch (Qwen3's `enable_thinking`; None: the template's default),
+        # and the reasoning markers: stop strings end the answer, not the thinking, and the scorer
+        # sees the answer only (reasoning.py). Same argument names as lm-eval's hf model.
+        self.enable_thinking = None if enable_thinking is None else _as_bool("enable_thinking", enable_thinking)
+        self.reasoning = Markers(think_start_token, think_end_token) if think_end_token else None
 
         self._auto = str(batch_size).startswith("auto")
         self._max_rows: int | None = (
@@ -293,11 +303,13 @@ class BenchEngineLM(TemplateLM):
         return ids
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        switch = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
         return self.tokenizer.apply_chat_template(
             chat_history,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
+            **switch,
         )
 
     # ------------------------------------------------------------ batch budget
@@ -472,7 +484,10 @@ class BenchEngineLM(TemplateLM):
         settings = decode_settings(
             merged, max_gen_toks, tuple(s for s in until if s), self._eos_token_ids(), seed, type(self._model).__name__,
         )
-        return settings, until, max_gen_toks
+        return replace(settings, reasoning=self.reasoning), until, max_gen_toks
+
+    def _starts_open(self, context: str) -> bool:
+        return self.reasoning is not None and opens_block(context, self.reasoning)
 
     def _generation_groups(
         self, prompts: dict[int, list[int]], max_new: int
@@ -523,6 +538,10 @@ class BenchEngineLM(TemplateLM):
                 stops[key] = self._decode_settings(req.args[1])[1]
             until = stops[key]
             text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            if self.reasoning is not None:
+                # Reasoning first, so the stop strings cut the answer, not the thoughts (as lm-eval's hf).
+                text, unfinished = strip_reasoning(text, opens_block(req.args[0], self.reasoning), self.reasoning)
+                self.stats.reasoning_unfinished += int(unfinished)
             text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
             texts.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
@@ -555,7 +574,8 @@ class BenchEngineLM(TemplateLM):
                     self.stats.generate_prefixes += 1
                     self.stats.prefill_tokens += prefix.length
                 # Longest first: the long answers of long prompts start early, and prefills pad little.
-                queue.extend(Prompt(i, tuple(prompts[i]), prefix) for i in sorted(members, key=lambda i: -len(prompts[i])))
+                queue.extend(Prompt(i, tuple(prompts[i]), prefix, starts_open=self._starts_open(requests[i].args[0]))
+                             for i in sorted(members, key=lambda i: -len(prompts[i])))
             longest = max(len(p) for p in prompts.values())
             plan = plan_slots(
                 self._split, self._max_rows or _DEFAULT_MAX_ROWS, longest, settings.max_new_tokens, self.kv_budget_bytes()

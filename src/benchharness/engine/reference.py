@@ -50,11 +50,13 @@ def memory_bounded_batch(model: Any, tokens: int, available: int, most: int) -> 
 class ReferenceLM(HFLM):
     """HFLM with a memory-bounded `auto` batch on a CPU (lm-eval's own probe elsewhere)."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str, device: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str, device: str, reasoning: dict[str, Any] | None = None) -> None:
+        """`reasoning`: lm-eval's own `enable_thinking` and `think_end_token` arguments (runner.reasoning_args)."""
         self.memory_bounded = batch_size == "auto" and not str(device).startswith(("cuda", "mps"))
         self.batch_choices: list[dict[str, Any]] = []
         self._generation_tokens: int | None = None
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        hf_reasoning = {k: v for k, v in (reasoning or {}).items() if k in ("enable_thinking", "think_end_token")}
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **hf_reasoning)
 
     def batch_info(self) -> dict[str, Any]:
         """How the batch was chosen, for the manifest (`models.<name>.batch`)."""

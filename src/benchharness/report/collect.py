@@ -152,6 +152,7 @@ class ReportData:
     flips: pd.DataFrame  # items whose answer flipped between those runs
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    published: pd.DataFrame = field(default_factory=pd.DataFrame)  # against published (report/published.py)
 
     def incomplete_runs(self) -> list[Run]:
         return [r for r in self.runs if not r.complete]

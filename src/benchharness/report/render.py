@@ -17,6 +17,7 @@ import pandas as pd
 from benchharness.errors import HarnessError
 from benchharness.files import atomic_write_text
 from benchharness.report.collect import N_BOOT, ReportData, collect
+from benchharness.report.published import against_published, table_published
 from benchharness.report.tables import (
     banner_lines,
     table_code_outcomes,
@@ -96,6 +97,16 @@ def _sections(data: ReportData) -> list[Section]:
             "test on the flips, `p (Holm)` the same adjusted over this table's "
             f"{int(data.regression['p_value'].notna().sum())} tests. Every flipped item is in flips.csv.",
             [("", reg)]))
+    published = table_published(data.published)
+    if published is not None:
+        sections.append(Section(
+            "Against published",
+            "Our score on each suite beside the scores the model's makers published (catalog `published:`, with the "
+            "source and the table it was read from). `what differs` lists every way the two measurements differ that the "
+            "records show (shots, chat template, the build we evaluated, base or instruct variant, a subset of the items); "
+            "a published value outside our interval with differences listed is two protocols disagreeing, not an error "
+            "in itself. Scores in percent.",
+            [("", published)]))
     sections.append(Section("Models", "What each model is and how it ran; where its weights came from and how its "
                             "batches were chosen are under Details.", [("", table_models(data))]))
     probe = table_probe(data)
@@ -226,6 +237,7 @@ def write_run_report(run_dir: Path, seed: int = 0) -> Path:
     """Write run_dir/report.md for one run (tables only, no plots) and return its path."""
     run_dir = Path(run_dir)
     data = collect([run_dir], seed=seed)
+    data.published = against_published(data)
     run = data.runs[0]
     title = f"benchharness run {run.run_id}" + (f" — {run.manifest['experiment']}" if run.manifest.get("experiment") else "")
     path = run_dir / "report.md"
@@ -256,8 +268,10 @@ def default_output_dir(run_dirs: list[Path]) -> Path:
     return Path(run_dirs[0]).resolve().parent / f"report-{stamp}"
 
 
-def build_report(run_dirs: list[Path], out_dir: Path | None = None, seed: int = 0) -> ReportPaths:
-    """Merge runs and write report.md, report.html, scores.csv, summary.csv, pairs.csv, flips.csv and plots."""
+def build_report(run_dirs: list[Path], out_dir: Path | None = None, seed: int = 0, published: Path | None = None) -> ReportPaths:
+    """Merge runs and write report.md, report.html, scores.csv, summary.csv, pairs.csv, flips.csv, published.csv and plots.
+
+    `published`: a catalog to read published scores from for runs whose manifest has none (older runs)."""
     from benchharness.report import plots  # matplotlib is only needed here
 
     if not run_dirs:
@@ -269,6 +283,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, seed: int = 
         raise HarnessError(f"{out_dir} is a run folder; writing the report there would overwrite its scores.csv. "
                            f"Fix: pass --output {out_dir / 'report'} (or leave --output out).")
     data = collect(run_dirs, seed=seed)
+    data.published = against_published(data, published)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = "benchharness report: " + ", ".join(r.run_id for r in data.runs)
 
@@ -282,6 +297,7 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None, seed: int = 
     atomic_write_text(paths.summary, data.summary.to_csv(index=False))
     atomic_write_text(paths.pairs, data.pairs.to_csv(index=False))
     atomic_write_text(paths.flips, data.flips.to_csv(index=False))
+    atomic_write_text(out_dir / "published.csv", data.published.to_csv(index=False))
     atomic_write_text(paths.markdown, render_markdown(data, title, [(c, p.name) for c, p in images]))
     atomic_write_text(paths.html, render_html(data, title, images))
     log.info("report written to %s", out_dir)

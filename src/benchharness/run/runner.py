@@ -72,6 +72,7 @@ from benchharness.store.manifest import (
 from benchharness.store.run_folder import RunStore
 from benchharness.store.score_rows import (
     SCORE_COLUMNS,
+    add_protocol,
     macro_rows,
     prompt_hash,
     sample_record,
@@ -350,10 +351,11 @@ def _evaluate_model(
     if resolved.converted_now:
         load_rows.append({**_row(entry, task=None, phase="load_cold", reps=1), "seconds": resolved.prepare_seconds + load.seconds})
     if not external:
-        lm = make_lm(experiment, model, tokenizer, device)
+        lm = make_lm(experiment, model, tokenizer, device, entry)
     # Only instruction-tuned models that ship a template get one; the manifest and report say which did.
     chat = experiment.chat_template and entry.instruct and getattr(tokenizer, "chat_template", None) is not None
-    model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3)}
+    thinking = thinking_info(experiment, entry, tokenizer)
+    model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3), "thinking": thinking}
     params = matmul_params(model)
     # Decode bytes are the fp32 weights' and cache's: not what a quantized external engine reads.
     decode_bytes = None if external else DecodeBytes(
@@ -368,7 +370,8 @@ def _evaluate_model(
         metered.reset()
         wall = time.perf_counter()
         with MemorySampler(device) as memory:
-            results = evaluate_task(metered, item.task, task_manager, item.spec, experiment.seed, chat, request_cache=store.folder / "cache" / entry.name, alone=alone)
+            results = evaluate_task(metered, item.task, task_manager, item.spec, experiment.seed, chat, request_cache=store.folder / "cache" / entry.name, alone=alone,
+                                    max_gen_toks=generation_limit(experiment, entry, item.spec))
         wall = time.perf_counter() - wall
         counters = {**metered.counters(), "peak_memory_mb": memory.peak_memory_mb, "device": device}
         per_rank = dist.gather(counters) if dist is not None else [counters]
@@ -389,6 +392,8 @@ def _evaluate_model(
                 "limit": item.spec.limit,
                 "n": len(records),
                 "n_available": item.n_items,
+                "output_type": results["configs"][task_name].get("output_type"),
+                "generation_kwargs": _generation_kwargs(results["configs"][task_name]),
             }
         for group in [name for name in results["results"] if name not in results["samples"]]:
             # A group's score is lm-eval's aggregate of its tasks (the macro average where the YAML says so).
@@ -396,6 +401,8 @@ def _evaluate_model(
             # The suite's own group row is named after the suite (task == suite), as the report expects.
             row_task = item.spec.name if group == item.task else group
             update.score_rows.extend(score_rows_for(entry, item.spec.name, row_task, results["results"][group], [], experiment.seed, n=n))
+        # Every row carries its protocol card, read as the store and report read it from the manifest.
+        add_protocol({"tasks": update.tasks, "models": {entry.name: {"chat_template": chat, "thinking": thinking}}}, update.score_rows)
         # The engine picks its batch budget on first use, so read it after the suite ran.
         update.info["batch"] = batch_info(experiment, lm)
         if experiment.engine == "llamacpp":
@@ -416,7 +423,7 @@ def _evaluate_model(
         update.info["requests"] = {item.task: {"computed": computed, "cached": max(0, total - computed)}}
         if experiment.engine == "benchharness" and experiment.parity.requests > 0:
             if reference is None:
-                reference = make_reference_lm(model, tokenizer, device)
+                reference = make_reference_lm(model, tokenizer, device, reasoning_args(experiment, entry))
             update.info["parity"] = certify_tasks(reference, results, experiment, dtype, entry.name)
         yield update
 
@@ -442,18 +449,52 @@ def _record_file(store: RunStore, manifest: dict[str, Any], path: Path) -> None:
     manifest["files"][str(path.relative_to(store.folder))] = sha256_file(path)
 
 
-def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str) -> Any:
+def make_lm(experiment: Experiment, model: Any, tokenizer: Any, device: str, entry: ModelEntry | None = None) -> Any:
     """The lm-eval model for the configured engine."""
     batch_size = experiment.inference.batch_size
     if experiment.engine == "hf":
         from benchharness.engine.reference import ReferenceLM
 
         # lm-eval's hf model; on a CPU its `auto` batch is sized from memory (reference.py says why).
-        return ReferenceLM(model, tokenizer, batch_size, device)
+        return ReferenceLM(model, tokenizer, batch_size, device, reasoning_args(experiment, entry))
     from benchharness.engine import BenchEngineLM
 
     return BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=experiment.inference.max_batch_tokens, device=device,
-                         seed=experiment.seed)
+                         seed=experiment.seed, **reasoning_args(experiment, entry))
+
+
+def reasoning_args(experiment: Experiment, entry: ModelEntry | None) -> dict[str, Any]:
+    """The engines' reasoning arguments (lm-eval's hf names) for a reasoning model (catalog
+    `reasoning: true`): the template's thinking switch, and the markers whose blocks are stripped
+    before scoring. None for other models: lm-eval's hf strips leading spaces from every output
+    once it is given an end marker, which would change their answers."""
+    if entry is None or not entry.reasoning:
+        return {}
+    spec = experiment.reasoning
+    args: dict[str, Any] = {"think_start_token": spec.start, "think_end_token": spec.end}
+    if spec.thinking is not None:
+        args["enable_thinking"] = spec.thinking
+    return args
+
+
+def thinking_info(experiment: Experiment, entry: ModelEntry, tokenizer: Any) -> dict[str, Any]:
+    """What the manifest records of a model's thinking: whether its template has the switch, what was asked."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not entry.reasoning:
+        return {"reasoning_model": False}
+    return {
+        "reasoning_model": True, "switch": isinstance(template, str) and "enable_thinking" in template,
+        "enable_thinking": experiment.reasoning.thinking, "markers": [experiment.reasoning.start, experiment.reasoning.end],
+    }
+
+
+def generation_limit(experiment: Experiment, entry: ModelEntry, spec: SuiteSpec) -> int | None:
+    """Tokens a generation task may write for this model: a reasoning model, unless its thinking is
+    switched off, gets the reasoning room (the suite's, else the experiment's); others the suite's
+    max_gen_toks (None: the task's own)."""
+    if entry.reasoning and experiment.reasoning.thinking is not False:
+        return spec.reasoning_max_gen_toks or experiment.reasoning.max_gen_toks
+    return spec.max_gen_toks
 
 
 def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: ResolvedModel, tokenizer: Any, dtype: str) -> Any:
@@ -461,10 +502,13 @@ def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: Resolv
     or lm-eval's own vLLM / SGLang classes on the model folder."""
     if experiment.engine == "llamacpp":
         from benchharness.engine.llamacpp import LlamaCppLM, LlamaCppSettings
+        from benchharness.engine.reasoning import Markers
 
         spec = experiment.llamacpp
         return LlamaCppLM(Path(resolved.extra["gguf"]), tokenizer,
-                          LlamaCppSettings(n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch, seed=experiment.seed))
+                          LlamaCppSettings(n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch, seed=experiment.seed,
+                                           enable_thinking=experiment.reasoning.thinking if entry.reasoning else None,
+                                           reasoning=Markers(experiment.reasoning.start, experiment.reasoning.end) if entry.reasoning else None))
     from lm_eval.api.registry import get_model
 
     gpu = experiment.gpu_engine
@@ -480,12 +524,12 @@ def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: Resolv
     )
 
 
-def make_reference_lm(model: Any, tokenizer: Any, device: str) -> Any:
+def make_reference_lm(model: Any, tokenizer: Any, device: str, reasoning: dict[str, Any] | None = None) -> Any:
     """lm-eval's own `hf` model over the already loaded weights: the parity certificate's reference,
     with a batch that fits memory (`auto`: lm-eval's probe on a GPU, memory-bounded on a CPU)."""
     from benchharness.engine.reference import ReferenceLM
 
-    return ReferenceLM(model, tokenizer, "auto", device)
+    return ReferenceLM(model, tokenizer, "auto", device, reasoning)
 
 
 def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experiment, dtype: str, model_name: str) -> dict[str, dict[str, Any]]:
@@ -544,12 +588,14 @@ def batch_info(experiment: Experiment, lm: Any) -> dict[str, Any]:
 
 def evaluate_task(
     lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool = False, request_cache: Path | None = None, alone: bool = False,
+    max_gen_toks: int | None = None,
 ) -> dict[str, Any] | None:
     """One suite through lm-eval. `request_cache` (a path prefix) keeps every answered request in
     SQLite as it is computed, so a resumed run skips what an interrupted one finished.
 
     Sharded over several processes, lm-eval returns the gathered results on rank 0 and None elsewhere.
     `alone`: a process of a launched group that evaluates the whole task itself (parallel: models).
+    `max_gen_toks`: replaces the generation tasks' own limit (lm-eval's gen_kwargs; scored tasks keep theirs).
     """
 
     # lm-eval returns results only where LOCAL_RANK is 0 (and names the request cache after it):
@@ -558,7 +604,7 @@ def evaluate_task(
     if alone:
         os.environ["LOCAL_RANK"] = "0"
     try:
-        results = _simple_evaluate(lm, task, task_manager, spec, seed, chat_template, request_cache)
+        results = _simple_evaluate(lm, task, task_manager, spec, seed, chat_template, request_cache, max_gen_toks)
     finally:
         if alone:
             if saved is None:
@@ -570,7 +616,9 @@ def evaluate_task(
     return results
 
 
-def _simple_evaluate(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool, request_cache: Path | None) -> dict[str, Any] | None:
+def _simple_evaluate(
+    lm: Any, task: str, task_manager: Any, spec: SuiteSpec, seed: int, chat_template: bool, request_cache: Path | None, max_gen_toks: int | None = None,
+) -> dict[str, Any] | None:
     import lm_eval
 
     return lm_eval.simple_evaluate(
@@ -587,7 +635,15 @@ def _simple_evaluate(lm: Any, task: str, task_manager: Any, spec: SuiteSpec, see
         bootstrap_iters=0,
         apply_chat_template=chat_template,
         use_cache=str(request_cache) if request_cache is not None else None,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
     )
+
+
+def _generation_kwargs(task_config: dict[str, Any]) -> dict[str, Any] | None:
+    """A generation task's settings as lm-eval ran it (the protocol card reads them); None for scored tasks."""
+    if task_config.get("output_type") != "generate_until":
+        return None
+    return json.loads(json.dumps(task_config.get("generation_kwargs") or {}, default=str))
 
 
 def _row(entry: ModelEntry, **values: Any) -> dict[str, Any]:

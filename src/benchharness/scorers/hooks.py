@@ -116,6 +116,15 @@ def humaneval_process_results(doc: Mapping[str, Any], results: list[str]) -> dic
     return metrics
 
 
+def humaneval_instruct_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
+    """The same for the chat protocol (lm-eval's humaneval_instruct): the answer continues the
+    function after "```python\n<prompt>" (the task's gen_prefix), so the completion is the text
+    before the closing fence, as lm-eval's build_predictions_instruct cuts it."""
+    response = results[0] if results else ""
+    fence = response.find("```")
+    return humaneval_process_results(doc, [response if fence == -1 else response[:fence]])
+
+
 def summarize_sandbox(records: Iterable[Mapping[str, Any]]) -> str:
     """lm-eval aggregation for the per-sample sandbox records: counts by outcome (a failure by
     its cause) and the isolation layers in force."""

@@ -38,6 +38,8 @@ def initial_manifest(
             "weights_sha256": res.weights_sha256, "dtype": "gguf" if experiment.engine == "llamacpp" else dtype,
             "device": device, "engine": experiment.engine,
             "chat_template": False,
+            # What its makers published, with protocol and source: the report sets ours beside it.
+            "published": [p.model_dump() for p in entry.published],
         }
     fingerprint = {
         "config_hash": experiment.config_hash(),

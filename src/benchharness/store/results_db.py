@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchharness.store import protocol
+from benchharness.store.score_rows import add_protocol
 from benchharness.errors import HarnessError
 from benchharness.measure.probe import THROUGHPUT_COLUMNS
 from benchharness.store.score_rows import SCORE_COLUMNS
@@ -38,7 +38,7 @@ RUN_COLUMNS = ["run_id", "experiment", "config_hash", "config_file", "status", "
 MODEL_COLUMNS = ["run_id", "model", "origin", "organisation", "family", "params", "build", "license", "dtype", "device",
                  "engine", "chat_template", "weights_sha256", "source"]
 TASK_COLUMNS = ["run_id", "task", "suite", "num_fewshot", "n", "n_available", "limit", "data_fingerprint", "prompt_hash"]
-STORE_SCORE_COLUMNS = ["run_id", *SCORE_COLUMNS, "num_fewshot", "chat_template", "protocol"]
+STORE_SCORE_COLUMNS = ["run_id", *SCORE_COLUMNS]
 STORE_THROUGHPUT_COLUMNS = ["run_id", *THROUGHPUT_COLUMNS]
 SAMPLE_COLUMNS = ["run_id", "model", "task", "doc_id", "filter", "subject", "target", "pred", "correct", "prompt_hash",
                   "doc_hash", "prompt", "record"]
@@ -151,10 +151,11 @@ def _index_one(con: sqlite3.Connection, folder: Path, manifest: dict[str, Any], 
     run_id = str(manifest["run_id"])
     scores = _read_csv(folder / "scores.csv", SCORE_COLUMNS)
     scores.insert(0, "run_id", run_id)
-    scores["num_fewshot"] = [protocol.shots(manifest, s, t) for s, t in zip(scores["suite"], scores["task"])]
-    scores["chat_template"] = [protocol.chat_template(manifest, m) for m in scores["model"]]
-    scores["protocol"] = [protocol.describe(manifest, m, s, t, x) for m, s, t, x in
-                          zip(scores["model"], scores["suite"], scores["task"], scores["metric"])]
+    # Runs written before scores.csv carried its protocol cards get them from their manifest, as the run would.
+    cards = scores.to_dict("records")
+    add_protocol(manifest, cards)
+    for column in ("num_fewshot", "chat_template", "protocol"):
+        scores[column] = [card[column] for card in cards]
     throughput = _read_csv(folder / "throughput.csv", THROUGHPUT_COLUMNS)
     throughput.insert(0, "run_id", run_id)
     samples = _samples(folder, run_id, manifest)

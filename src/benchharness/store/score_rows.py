@@ -6,10 +6,12 @@ import hashlib
 import json
 from typing import Any
 from benchharness.config.catalog import ModelEntry
+from benchharness.store import protocol
 from benchharness.scorers.hooks import macro_average, subject_scores
 
 
-SCORE_COLUMNS = ["model", "origin", "build", "suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n"]
+SCORE_COLUMNS = ["model", "origin", "build", "suite", "task", "metric", "value", "stderr", "ci_low", "ci_high", "n",
+                 "num_fewshot", "chat_template", "protocol"]
 
 # Task config fields that make up the prompt; their hash goes into the manifest.
 PROMPT_FIELDS = ("description", "doc_to_text", "doc_to_choice", "doc_to_target", "target_delimiter", "fewshot_delimiter", "num_fewshot", "fewshot_config", "generation_kwargs", "filter_list", "output_type")
@@ -107,6 +109,15 @@ def macro_rows(entry: ModelEntry, suite: str, task: str, records: list[dict[str,
         "model": entry.name, "origin": entry.origin, "build": entry.build, "suite": suite, "task": task,
         "metric": "acc_macro", "value": macro_average(scores), "stderr": None, "ci_low": None, "ci_high": None, "n": len(records),
     }]
+
+
+def add_protocol(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Fill each row's protocol card (shots, chat template, and the one-line protocol: thinking,
+    generation settings, metric and filter) from a manifest's `tasks` and `models` records."""
+    for row in rows:
+        row["num_fewshot"] = protocol.shots(manifest, row["suite"], row["task"])
+        row["chat_template"] = protocol.chat_template(manifest, row["model"])
+        row["protocol"] = protocol.describe(manifest, row["model"], row["suite"], row["task"], row["metric"])
 
 
 def prompt_hash(task_config: dict[str, Any]) -> str:

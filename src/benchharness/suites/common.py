@@ -48,6 +48,9 @@ class DataSource:
     build: Callable[[Path], PreparedFiles]
     fetch: Callable[[Path], Path] | None = None
     notes: tuple[str, ...] = field(default=())
+    # False: a folder the user names may hold another number of items (its build checks the
+    # structure instead); the count found is logged and recorded, never silently taken as complete.
+    check_items: bool = True
 
 
 def package_file(package: str, inner: str, install: str) -> Callable[[Path | None], Located]:
