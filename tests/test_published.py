@@ -109,6 +109,15 @@ def test_report_sets_ours_beside_published(tmp_path: Path, tiny_model_dir: Path)
         text = (tmp_path / "report" / name).read_text()
         assert "Against published" in text and "https://example.org/tiny-card" in text
     assert "Against published" in (run / "report.md").read_text()
+    # The results store keeps them (the run was added when it completed), and the leaderboard shows them.
+    store = run.parent / "runs.sqlite"
+    from benchharness.store.results_db import query
+
+    stored = query("SELECT model, suite, value, variant, source_table FROM published", store).to_dict("records")
+    assert stored == [{"model": "tiny-llama", "suite": "mmlu", "value": 99.5, "variant": "Tiny-Llama (base)", "source_table": "Table 1"}]
+    assert main(["leaderboard", "--store", str(store), "--output", str(tmp_path / "board")]) == 0
+    page = (tmp_path / "board" / "leaderboard.html").read_text()
+    assert "published 99.5" in page and "https://example.org/tiny-card" in page
 
 
 def test_older_runs_read_published_scores_from_a_catalog(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -107,5 +107,5 @@ def test_a_store_of_another_schema_is_refused_with_the_fix(tmp_path: Path) -> No
     con.execute("INSERT INTO meta VALUES ('schema_version', 1)")
     con.commit()
     con.close()
-    with pytest.raises(HarnessError, match=r"schema 1; this version writes schema 2\. Fix: .*benchharness index"):
+    with pytest.raises(HarnessError, match=r"schema 1; this version writes schema 3\. Fix: .*benchharness index"):
         index_runs([make_indexable(tmp_path / "results", RUN_A, ["qwen-mini"])], store)

@@ -40,6 +40,7 @@ def load_board(store: Path) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
                                   "WHERE phase IN ('eval', 'decode')", con)
         correct = pd.read_sql_query("SELECT s.run_id, s.model, t.suite, s.correct FROM samples s JOIN tasks t "
                                     "ON s.run_id = t.run_id AND s.task = t.task WHERE s.correct IS NOT NULL", con)
+        published = pd.read_sql_query("SELECT * FROM published", con)
     except sqlite3.Error as exc:
         raise _store_error(store, exc) from exc
     finally:
@@ -64,9 +65,12 @@ def load_board(store: Path) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
             "report": run["report"], "eval_tokens_per_s": aggregate_speed(tp[tp["phase"] == "eval"]),
             "decode_tokens_per_s": aggregate_speed(tp[tp["phase"] == "decode"]),
         }
+        theirs = published[(published["run_id"] == m["run_id"]) & (published["model"] == m["model"])]
         for suite in suites:
             cell = mine[(mine["suite"] == suite) & (mine["metric"] == primary[suite])]
             row[suite] = cell.iloc[0].to_dict() if len(cell) else None
+            if row[suite] is not None:
+                row[suite]["published"] = theirs[theirs["suite"] == suite].to_dict("records")
         rows.append(row)
     board = pd.DataFrame(rows)
     if len(board):
@@ -134,7 +138,7 @@ def render(board: pd.DataFrame, suites: list[str], primary: dict[str, str], out_
             n = f"n={int(c['n'])}" if c.get("n") is not None and not pd.isna(c["n"]) else ""
             cells.append(f"<td class='score' data-value='{c['value']}' title='{esc(str(c.get('protocol') or ''))}'>"
                          f"<b>{_pct(c['value'], fractions[s])}</b><br><small>{esc(ci)}</small>"
-                         f"<br><small>{esc(str(shots.get(s) or ''))} {esc(n)}</small></td>")
+                         f"<br><small>{esc(str(shots.get(s) or ''))} {esc(n)}</small>{_published(c.get('published') or [])}</td>")
         cells += [f"<td data-value='{_plain(r['eval_tokens_per_s'])}'>{_num(r['eval_tokens_per_s'])}</td>",
                   f"<td data-value='{_plain(r['decode_tokens_per_s'])}'>{_num(r['decode_tokens_per_s'])}</td>"]
         link = _link(r["report"], out_dir, store)
@@ -154,7 +158,9 @@ def render(board: pd.DataFrame, suites: list[str], primary: dict[str, str], out_
 <h1>benchharness leaderboard</h1>
 <p class="note">{len(board)} model runs from {n_runs} run(s) in <code>{esc(str(store))}</code>, generated {esc(generated)}.
 Each cell: the suite's headline metric (percent where it is a fraction), its 95% confidence interval (from the run, else
-a seeded bootstrap over its items; none for a macro average over subjects or languages) and the protocol (shots, n). Rows of the same model from different runs, builds or protocols are different measurements. Click a
+a seeded bootstrap over its items; none for a macro average over subjects or languages), the protocol (shots, n) and,
+where the model's makers published a score on the suite, that score (hover for its variant, protocol and source; they
+were measured under their own protocol). Rows of the same model from different runs, builds or protocols are different measurements. Click a
 column to sort; the run links open each run's report.</p>
 <form id="filters">
 <label>origin <select id="origin"><option value="">all</option>{origin_options}</select></label>
@@ -168,6 +174,17 @@ column to sort; the run links open each run's report.</p>
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _published(entries: list[dict[str, Any]]) -> str:
+    """The scores the model's makers published on this suite, under ours: the values, and in the
+    title each one's variant, protocol and source (the run report's "Against published" has the rest)."""
+    if not entries:
+        return ""
+    esc = html.escape
+    values = " / ".join(f"{float(p['value']):.1f}" for p in entries)
+    detail = "\n".join(f"{float(p['value']):.1f}: {p['variant']}; {p['prompt']}; {p['source']} ({p['source_table']})" for p in entries)
+    return f"<br><small class='pub' title='{esc(detail)}'>published {esc(values)}</small>"
 
 
 def _breakable(name: str) -> str:

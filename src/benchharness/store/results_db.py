@@ -1,7 +1,8 @@
 """The results store: every finished run in one SQLite file, queryable across runs.
 
 `<results>/runs.sqlite` holds the runs, their models, tasks (with data and prompt
-fingerprints), scores (each with its protocol), throughput and per-sample results. A run
+fingerprints), scores (each with its protocol), throughput, per-sample results and the scores
+the models' makers published (from the manifest, for "against published"). A run
 is added when it completes (`benchharness run` does it) or with `benchharness index RUN...`;
 adding it again replaces its rows in one transaction, so indexing is idempotent and a crash
 mid-way leaves the store as it was. Only runs whose manifest says "complete" and whose files
@@ -30,7 +31,7 @@ from benchharness.measure.probe import THROUGHPUT_COLUMNS
 from benchharness.store.score_rows import SCORE_COLUMNS
 
 STORE_NAME = "runs.sqlite"
-SCHEMA_VERSION = 2  # 2: runs.parity
+SCHEMA_VERSION = 3  # 2: runs.parity; 3: published
 
 RUN_COLUMNS = ["run_id", "experiment", "config_hash", "config_file", "status", "parity", "started", "finished", "engine",
                "harness_version", "lm_eval_version", "torch_version", "host", "fingerprint_sha256", "folder",
@@ -40,10 +41,12 @@ MODEL_COLUMNS = ["run_id", "model", "origin", "organisation", "family", "params"
 TASK_COLUMNS = ["run_id", "task", "suite", "num_fewshot", "n", "n_available", "limit", "data_fingerprint", "prompt_hash"]
 STORE_SCORE_COLUMNS = ["run_id", *SCORE_COLUMNS]
 STORE_THROUGHPUT_COLUMNS = ["run_id", *THROUGHPUT_COLUMNS]
+# The scores each model's makers published (catalog `published:`, copied into the run's manifest).
+PUBLISHED_COLUMNS = ["run_id", "model", "suite", "value", "metric", "shots", "chat_template", "prompt", "variant", "source", "source_table"]
 SAMPLE_COLUMNS = ["run_id", "model", "task", "doc_id", "filter", "subject", "target", "pred", "correct", "prompt_hash",
                   "doc_hash", "prompt", "record"]
 TABLES = {"runs": RUN_COLUMNS, "models": MODEL_COLUMNS, "tasks": TASK_COLUMNS, "scores": STORE_SCORE_COLUMNS,
-          "throughput": STORE_THROUGHPUT_COLUMNS, "samples": SAMPLE_COLUMNS}
+          "throughput": STORE_THROUGHPUT_COLUMNS, "samples": SAMPLE_COLUMNS, "published": PUBLISHED_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,12 @@ def _index_one(con: sqlite3.Connection, folder: Path, manifest: dict[str, Any], 
     } for name, info in (manifest.get("models") or {}).items()], columns=MODEL_COLUMNS)
     tasks = pd.DataFrame([{"run_id": run_id, "task": task, **{c: info.get(c) for c in TASK_COLUMNS[2:]}}
                           for task, info in (manifest.get("tasks") or {}).items()], columns=TASK_COLUMNS)
-    frames = {"runs": runs, "models": models, "tasks": tasks, "scores": scores, "throughput": throughput, "samples": samples}
+    published = pd.DataFrame([{"run_id": run_id, "model": name, **{c: p.get(c) for c in PUBLISHED_COLUMNS[2:] if c != "source_table"},
+                               "source_table": p.get("table")}
+                              for name, info in (manifest.get("models") or {}).items() for p in info.get("published") or []],
+                             columns=PUBLISHED_COLUMNS)
+    frames = {"runs": runs, "models": models, "tasks": tasks, "scores": scores, "throughput": throughput, "samples": samples,
+              "published": published}
     with con:  # one transaction: the run's old rows go and its new rows come together, or neither
         for name, frame in frames.items():
             con.execute(f"DELETE FROM {name} WHERE run_id = ?", (run_id,))
