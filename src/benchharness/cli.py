@@ -283,12 +283,14 @@ def cmd_models(args: argparse.Namespace, cache_dir: Path) -> int:
     from benchharness.models.sources import availability
 
     catalog = load_catalog(args.catalog)
-    print(f"{'name':36} {'origin':6} {'params':7} {'organisation':34} available here")
+    print(f"{'name':36} {'origin':6} {'params':7} {'organisation':34} {'published':9} available here")
     for entry in sorted(catalog.models.values(), key=lambda e: (e.origin, e.family, e.name)):
         states = [availability(s, cache_dir) for s in entry.sources]
         usable = next((s for s in states if s.available), None)
         where = f"yes ({usable.detail})" if usable else f"no ({states[0].detail})"
-        print(f"{entry.name:36} {entry.origin:6} {entry.params:7} {entry.organisation[:34]:34} {where}")
+        # How many scores its makers published (catalog `published:`), on how many suites.
+        published = f"{len(entry.published)} ({len({p.suite for p in entry.published})})" if entry.published else "-"
+        print(f"{entry.name:36} {entry.origin:6} {entry.params:7} {entry.organisation[:34]:34} {published:9} {where}")
     return 0
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from benchharness.files import atomic_write_text
 from benchharness.report.collect import ALPHA, N_BOOT, add_group_rows, aggregate_speed, choose_primary
+from benchharness.report.published import BENCHMARK
 from benchharness.scorers.stats import bootstrap_ci
 from benchharness.store.results_db import connect
 
@@ -70,7 +71,7 @@ def load_board(store: Path) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
             cell = mine[(mine["suite"] == suite) & (mine["metric"] == primary[suite])]
             row[suite] = cell.iloc[0].to_dict() if len(cell) else None
             if row[suite] is not None:
-                row[suite]["published"] = theirs[theirs["suite"] == suite].to_dict("records")
+                row[suite]["published"] = theirs[theirs["suite"] == BENCHMARK.get(suite, suite)].to_dict("records")
         rows.append(row)
     board = pd.DataFrame(rows)
     if len(board):
