@@ -373,7 +373,6 @@ def hf_row_bytes(model: torch.nn.Module, longest: int, generation: bool) -> floa
     # Generation: the key-value cache, the prefill's widest activations, logits at the last position.
     config = model.config.get_text_config()
     vocab = int(config.vocab_size)
-    heads = int(config.num_attention_heads)
     width = max(int(getattr(config, "intermediate_size", 0) or 0), int(config.hidden_size))
     cache = kv_bytes_per_token(config, torch.float32) * longest
     return cache + 4 * (3 * longest * width + 4 * vocab)
