@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from benchharness.errors import DataError
-from benchharness.suites.common import DataSource, Located, PreparedFiles, Records
+from benchharness.suites.common import DataSource, Located, PreparedFiles, Records, hub_snapshot
 
 ENV_VAR = "BENCHHARNESS_CMMLU_DIR"
 HUB_DATASET = "haonan-li/cmmlu"
@@ -154,29 +154,13 @@ def build(root: Path) -> PreparedFiles:
     return files
 
 
-def hub_offline_reason() -> str | None:
-    """Why the hub cannot be used now, or None if it may be reachable."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return f"{var} is set"
-    return None
-
-
 def fetch(cache_dir: Path) -> Path:
     """Download the hub dataset's CSVs into cache_dir/raw/cmmlu (once); returns the folder with test/ and dev/."""
     target = cache_dir / "raw" / "cmmlu"
     found = _find_csv_root(target)
     if found is not None:
         return found
-    reason = hub_offline_reason()
-    if reason is not None:
-        raise DataError(f"suite 'cmmlu': no local data and the hub is off ({reason}), so the hub dataset {HUB_DATASET} cannot be downloaded. Fix: {HOW_TO}.")
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(repo_id=HUB_DATASET, repo_type="dataset", allow_patterns=["*.zip", "*.csv"], etag_timeout=10))
-    except Exception as exc:  # any network or hub failure: say what was tried and how to provide the data
-        raise DataError(f"suite 'cmmlu': could not download the hub dataset {HUB_DATASET} ({type(exc).__name__}: {exc}). Fix: {HOW_TO}.") from exc
+    snapshot = hub_snapshot("cmmlu", HUB_DATASET, ["*.zip", "*.csv"], HOW_TO)
     target.mkdir(parents=True, exist_ok=True)
     for archive in sorted(snapshot.rglob("*.zip")):
         with zipfile.ZipFile(archive) as zf:

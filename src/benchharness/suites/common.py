@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchharness.errors import DataError
 from benchharness.models.sources import package_dir
 
 Records = list[dict[str, Any]]
@@ -95,6 +97,28 @@ def number_ids(records: Records) -> Records:
     for i, record in enumerate(records):
         record["id"] = i
     return records
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be used now, or None if it may be reachable."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return f"{var} is set"
+    return None
+
+
+def hub_snapshot(suite: str, dataset: str, patterns: list[str], how_to: str) -> Path:
+    """Download the files of a hub dataset matching `patterns` (once, into the hub cache); the
+    snapshot folder. Offline, or on any hub failure: a DataError saying what was tried and `how_to`."""
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise DataError(f"suite '{suite}': no local data and the hub is off ({reason}), so the hub dataset {dataset} cannot be downloaded. Fix: {how_to}.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=dataset, repo_type="dataset", allow_patterns=patterns, etag_timeout=10))
+    except Exception as exc:  # any network or hub failure: say what was tried and how to provide the data
+        raise DataError(f"suite '{suite}': could not download the hub dataset {dataset} ({type(exc).__name__}: {exc}). Fix: {how_to}.") from exc
 
 
 def read_jsonl(path: Path) -> Records:

@@ -17,8 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchharness.errors import DataError
-from benchharness.suites.cmmlu import hub_offline_reason
-from benchharness.suites.common import DataSource, Located, PreparedFiles, Records
+from benchharness.suites.common import DataSource, Located, PreparedFiles, Records, hub_snapshot
 
 HUB_DATASET = "cais/mmlu"
 SUBJECTS = (
@@ -103,16 +102,7 @@ def build(root: Path) -> PreparedFiles:
 
 def fetch(cache_dir: Path) -> Path:
     """Download cais/mmlu's test and dev parquet files (once) into the hub cache; returns the snapshot folder."""
-    reason = hub_offline_reason()
-    if reason is not None:
-        raise DataError(f"suite 'mmlu_5shot': no local folder and the hub is off ({reason}), so {HUB_DATASET} cannot be downloaded. Fix: {HOW_TO}.")
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = Path(snapshot_download(repo_id=HUB_DATASET, repo_type="dataset", allow_patterns=["all/test-*", "all/dev-*"], etag_timeout=10))
-    except Exception as exc:  # any network or hub failure: say what was tried and how to provide the data
-        raise DataError(f"suite 'mmlu_5shot': could not download {HUB_DATASET} ({type(exc).__name__}: {exc}). Fix: {HOW_TO}.") from exc
-    return snapshot
+    return hub_snapshot("mmlu_5shot", HUB_DATASET, ["all/test-*", "all/dev-*"], HOW_TO)
 
 
 DATA = DataSource(

@@ -24,7 +24,7 @@ from typing import Any
 from benchharness.errors import DataError
 from benchharness.files import atomic_write_text
 from benchharness.suites import cmmlu, eu_exams, gsm8k, humaneval, mmlu, mmlu_hub
-from benchharness.suites.common import DataSource, stratified_order
+from benchharness.suites.common import DataSource, hub_offline_reason, stratified_order
 
 __all__ = [
     "SUITES", "Suite", "PreparedSuite", "DataSource", "get_suite", "prepare_suite", "prepare_data", "render_tasks",
@@ -255,7 +255,7 @@ def check_task_data_offline(task_config: Mapping[str, Any]) -> str | None:
         return None
     if _in_hf_cache(str(path)):
         return None
-    reason = cmmlu.hub_offline_reason() or hub_unreachable_reason()
+    reason = hub_offline_reason() or hub_unreachable_reason()
     if reason is None:
         return None
     name = task_config.get("dataset_name")
