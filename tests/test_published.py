@@ -109,6 +109,9 @@ def test_report_sets_ours_beside_published(tmp_path: Path, tiny_model_dir: Path)
         text = (tmp_path / "report" / name).read_text()
         assert "Against published" in text and "https://example.org/tiny-card" in text
     assert "Against published" in (run / "report.md").read_text()
+    # Every headline score's protocol, in the report too.
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Protocols" in report and "| mmlu | 0-shot, no chat template, acc | tiny-llama |" in report
     # The results store keeps them (the run was added when it completed), and the leaderboard shows them.
     store = run.parent / "runs.sqlite"
     from benchharness.store.results_db import query

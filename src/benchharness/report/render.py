@@ -27,6 +27,7 @@ from benchharness.report.tables import (
     table_pairs,
     table_parity,
     table_probe,
+    table_protocols,
     table_provenance,
     table_ranking,
     table_regression,
@@ -71,6 +72,11 @@ def _sections(data: ReportData) -> list[Section]:
         "over the evaluation itself, prefill/decode from the fixed-shape probe. `build` says which weights produced "
         "the score (quantization, variant).",
         [("", table_main(data))]))
+    protocols = table_protocols(data)
+    if protocols is not None:
+        sections.append(Section("Protocols", "How each suite's headline score was measured (shots, chat template, thinking "
+                                "switch, generation settings, metric and filter), as every row of scores.csv carries it. Scores "
+                                "on different rows here are different measurements.", [("", protocols)]))
     sections.append(Section("Origin summary", "Per suite and origin: number of models, mean and best score. A model "
                             "measured in several runs counts once, from its newest complete run.",
                             [("", table_origin(data))]))

@@ -188,6 +188,23 @@ def table_models(data: ReportData) -> pd.DataFrame:
     return _nonempty(data.entries[list(cols)].rename(columns=cols))
 
 
+def table_protocols(data: ReportData) -> pd.DataFrame | None:
+    """The protocol each suite's headline score was measured under (scores.csv `protocol`), one row
+    per suite and protocol with the models measured so: two numbers on different rows are
+    different measurements."""
+    scores = data.scores
+    if "protocol" not in scores.columns:
+        return None
+    rows = []
+    for suite in data.suites:
+        sel = scores[(scores["suite"] == suite) & (scores["task"] == suite) & (scores["metric"] == data.primary_metric[suite])]
+        if sel.empty:  # a one-task suite: its task's rows
+            sel = scores[(scores["suite"] == suite) & (scores["metric"] == data.primary_metric[suite])]
+        for text, group in sel.dropna(subset=["protocol"]).groupby("protocol", sort=True):
+            rows.append({"suite": suite, "protocol": text, "models": ", ".join(sorted(dict.fromkeys(str(e) for e in group["entry"])))})
+    return pd.DataFrame(rows, columns=["suite", "protocol", "models"]) if rows else None
+
+
 def table_provenance(data: ReportData) -> pd.DataFrame:
     """Where each model's weights came from and how its batches were chosen: long text, for the details section."""
     cols = {"entry": "model", "source": "source", "weights_sha256": "weights sha256", "batch": "batch"}
