@@ -540,7 +540,7 @@ class BenchEngineLM(TemplateLM):
             text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
             if self.reasoning is not None:
                 # Reasoning first, so the stop strings cut the answer, not the thoughts (as lm-eval's hf).
-                text, unfinished = strip_reasoning(text, opens_block(req.args[0], self.reasoning), self.reasoning)
+                text, unfinished = strip_reasoning(text, self._starts_open(req.args[0]), self.reasoning)
                 self.stats.reasoning_unfinished += int(unfinished)
             text = postprocess_generated_text(generation=text, stop=until, think_end_token=None)
             texts.append(text)

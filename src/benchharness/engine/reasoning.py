@@ -19,6 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# The reasoning arguments lm-eval's own hf and vLLM models take (the harness's engines take these
+# and `think_start_token`).
+LM_EVAL_ARGUMENTS = ("enable_thinking", "think_end_token")
+
+
 @dataclass(frozen=True)
 class Markers:
     start: str = "<think>"

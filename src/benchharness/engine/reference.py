@@ -20,6 +20,8 @@ from typing import Any
 
 from lm_eval.models.huggingface import HFLM
 
+from benchharness.engine.reasoning import LM_EVAL_ARGUMENTS
+
 # Share of the memory available (when the batch is chosen) that one batch may take.
 MEMORY_SHARE = 0.5
 # fp32 logits of every position, alive together: the model's output, its log-softmax, and a
@@ -55,7 +57,7 @@ class ReferenceLM(HFLM):
         self.memory_bounded = batch_size == "auto" and not str(device).startswith(("cuda", "mps"))
         self.batch_choices: list[dict[str, Any]] = []
         self._generation_tokens: int | None = None
-        hf_reasoning = {k: v for k, v in (reasoning or {}).items() if k in ("enable_thinking", "think_end_token")}
+        hf_reasoning = {k: v for k, v in (reasoning or {}).items() if k in LM_EVAL_ARGUMENTS}
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **hf_reasoning)
 
     def batch_info(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from benchharness.config.experiment import EXTERNAL_ENGINES
 from benchharness.errors import HarnessError
-from benchharness.store.score_rows import add_protocol
+from benchharness.store.score_rows import set_protocol_columns
 from benchharness.scorers.stats import (
     bootstrap_ci,
     holm_adjust,
@@ -103,11 +103,7 @@ def load_run(run_dir: Path) -> Run:
     for col in ["value", "stderr", "ci_low", "ci_high", "n"]:
         scores[col] = pd.to_numeric(scores[col], errors="coerce")
     if len(scores) and "protocol" not in scores.columns:
-        # Runs written before scores.csv carried protocol cards: the same cards, from the manifest.
-        cards = scores.to_dict("records")
-        add_protocol(manifest, cards)
-        for col in ("num_fewshot", "chat_template", "protocol"):
-            scores[col] = [card[col] for card in cards]
+        set_protocol_columns(manifest, scores)  # a run written before scores.csv carried protocol cards
     throughput = _read_csv(run_dir / "throughput.csv")
     for col in ["model", "task", "phase"]:
         if col not in throughput.columns:

@@ -479,9 +479,9 @@ def reasoning_args(experiment: Experiment, entry: ModelEntry | None) -> dict[str
 
 def thinking_info(experiment: Experiment, entry: ModelEntry, tokenizer: Any) -> dict[str, Any]:
     """What the manifest records of a model's thinking: whether its template has the switch, what was asked."""
-    template = getattr(tokenizer, "chat_template", None)
     if not entry.reasoning:
         return {"reasoning_model": False}
+    template = getattr(tokenizer, "chat_template", None)
     return {
         "reasoning_model": True, "switch": isinstance(template, str) and "enable_thinking" in template,
         "enable_thinking": experiment.reasoning.thinking, "markers": [experiment.reasoning.start, experiment.reasoning.end],
@@ -500,6 +500,7 @@ def generation_limit(experiment: Experiment, entry: ModelEntry, spec: SuiteSpec)
 def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: ResolvedModel, tokenizer: Any, dtype: str) -> Any:
     """The lm-eval model of an engine that loads the weights itself: llama.cpp on the GGUF file,
     or lm-eval's own vLLM / SGLang classes on the model folder."""
+    reasoning = reasoning_args(experiment, entry)
     if experiment.engine == "llamacpp":
         from benchharness.engine.llamacpp import LlamaCppLM, LlamaCppSettings
         from benchharness.engine.reasoning import Markers
@@ -507,9 +508,10 @@ def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: Resolv
         spec = experiment.llamacpp
         return LlamaCppLM(Path(resolved.extra["gguf"]), tokenizer,
                           LlamaCppSettings(n_ctx=spec.n_ctx, n_threads=spec.n_threads, n_batch=spec.n_batch, seed=experiment.seed,
-                                           enable_thinking=experiment.reasoning.thinking if entry.reasoning else None,
-                                           reasoning=Markers(experiment.reasoning.start, experiment.reasoning.end) if entry.reasoning else None))
+                                           enable_thinking=reasoning.get("enable_thinking"),
+                                           reasoning=Markers(reasoning["think_start_token"], reasoning["think_end_token"]) if reasoning else None))
     from lm_eval.api.registry import get_model
+    from benchharness.engine.reasoning import LM_EVAL_ARGUMENTS
 
     gpu = experiment.gpu_engine
     if experiment.engine == "vllm":
@@ -517,6 +519,7 @@ def make_external_lm(experiment: Experiment, entry: ModelEntry, resolved: Resolv
             pretrained=str(resolved.path), dtype=dtype, tensor_parallel_size=gpu.tensor_parallel_size,
             data_parallel_size=gpu.data_parallel_size, gpu_memory_utilization=gpu.gpu_memory_utilization,
             max_model_len=gpu.max_model_len, seed=experiment.seed, trust_remote_code=entry.trust_remote_code,
+            **{k: v for k, v in reasoning.items() if k in LM_EVAL_ARGUMENTS},
         )
     return get_model("sglang")(
         pretrained=str(resolved.path), dtype=dtype, tp_size=gpu.tensor_parallel_size, dp_size=gpu.data_parallel_size,

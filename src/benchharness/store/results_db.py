@@ -25,10 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from benchharness.store.score_rows import add_protocol
 from benchharness.errors import HarnessError
 from benchharness.measure.probe import THROUGHPUT_COLUMNS
-from benchharness.store.score_rows import SCORE_COLUMNS
+from benchharness.store.score_rows import SCORE_COLUMNS, set_protocol_columns
 
 STORE_NAME = "runs.sqlite"
 SCHEMA_VERSION = 3  # 2: runs.parity; 3: published
@@ -154,11 +153,8 @@ def _index_one(con: sqlite3.Connection, folder: Path, manifest: dict[str, Any], 
     run_id = str(manifest["run_id"])
     scores = _read_csv(folder / "scores.csv", SCORE_COLUMNS)
     scores.insert(0, "run_id", run_id)
-    # Runs written before scores.csv carried its protocol cards get them from their manifest, as the run would.
-    cards = scores.to_dict("records")
-    add_protocol(manifest, cards)
-    for column in ("num_fewshot", "chat_template", "protocol"):
-        scores[column] = [card[column] for card in cards]
+    # From the manifest, as the run wrote them: runs made before scores.csv carried the cards get them too.
+    set_protocol_columns(manifest, scores)
     throughput = _read_csv(folder / "throughput.csv", THROUGHPUT_COLUMNS)
     throughput.insert(0, "run_id", run_id)
     samples = _samples(folder, run_id, manifest)

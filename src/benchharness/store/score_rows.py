@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+
+import pandas as pd
+
 from benchharness.config.catalog import ModelEntry
 from benchharness.store import protocol
 from benchharness.scorers.hooks import macro_average, subject_scores
@@ -111,6 +114,9 @@ def macro_rows(entry: ModelEntry, suite: str, task: str, records: list[dict[str,
     }]
 
 
+PROTOCOL_COLUMNS = ("num_fewshot", "chat_template", "protocol")
+
+
 def add_protocol(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Fill each row's protocol card (shots, chat template, and the one-line protocol: thinking,
     generation settings, metric and filter) from a manifest's `tasks` and `models` records."""
@@ -118,6 +124,14 @@ def add_protocol(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         row["num_fewshot"] = protocol.shots(manifest, row["suite"], row["task"])
         row["chat_template"] = protocol.chat_template(manifest, row["model"])
         row["protocol"] = protocol.describe(manifest, row["model"], row["suite"], row["task"], row["metric"])
+
+
+def set_protocol_columns(manifest: dict[str, Any], scores: pd.DataFrame) -> None:
+    """The same cards as columns of a scores table (in place): for runs written before scores.csv carried them."""
+    cards = scores.to_dict("records")
+    add_protocol(manifest, cards)
+    for column in PROTOCOL_COLUMNS:
+        scores[column] = [card[column] for card in cards]
 
 
 def prompt_hash(task_config: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchharness.errors import DataError
-from benchharness.suites.common import DataSource, Located, PreparedFiles, Records, hub_snapshot
+from benchharness.suites.common import DataSource, Located, PreparedFiles, Records, hub_snapshot, number_ids
 
 HUB_DATASET = "cais/mmlu"
 SUBJECTS = (
@@ -94,9 +94,7 @@ def build(root: Path) -> PreparedFiles:
             need = SHOTS if split == "dev" else 1
             if len(rows) < need:
                 raise DataError(f"{root}: subject {subject} has {len(rows)} {split} question(s), at least {need} needed. Fix: {HOW_TO}.")
-            for i, row in enumerate(rows):
-                row["id"] = i
-            files[f"{split}/{subject}.jsonl"] = rows
+            files[f"{split}/{subject}.jsonl"] = number_ids(rows)
     return files
 
 
