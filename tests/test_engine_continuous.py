@@ -152,3 +152,18 @@ def test_continuous_batching_can_be_turned_off_as_a_reference():
     assert refilled.last_decode_counts.refills > 0 and static.last_decode_counts.refills == 0
     assert static.batch_info["generation"]["refill"] is False
     assert static.batch_info["generation"]["reason"] == "continuous_batching=false"
+
+
+def test_an_admission_takes_neighbours_of_the_same_prefix_within_the_token_budget():
+    from benchharness.engine.continuous import Prompt, _admission
+    from benchharness.engine.scoring import PrefixState
+
+    queue = [Prompt(i, tuple(range(n))) for i, n in enumerate([50, 40, 30, 30, 10, 10])]
+    assert [p.index for p in _admission(queue, free=8, chunk_tokens=100)] == [0, 1]  # 3 x 50 > 100
+    assert [p.index for p in _admission(queue[2:], free=8, chunk_tokens=100)] == [2, 3, 4]  # 4 x 30 > 100
+    assert [p.index for p in _admission(queue[2:], free=2, chunk_tokens=100)] == [2, 3]  # two free slots
+    assert [p.index for p in _admission(queue, free=8, chunk_tokens=10)] == [0]  # wider than the budget: alone
+    # the budget counts the rest after a shared prefix, and a new prefix starts a new admission
+    prefix = PrefixState(length=20, layers=[])
+    shared = [Prompt(i, tuple(range(24)), prefix) for i in range(3)] + [Prompt(3, tuple(range(24)))]
+    assert [p.index for p in _admission(shared, free=8, chunk_tokens=12)] == [0, 1, 2]

@@ -2,8 +2,9 @@
 sequences finish.
 
 The loop: while slots are free and prompts wait, the next prompts are prefilled (their
-own left-padded batch, in chunks of at most the token budget, one chunk between two
-decode steps of the running rows) and join the running batch's cache
+own left-padded batch of similar lengths within the token budget; a single prompt longer
+than the budget in chunks; one forward between two decode steps of the running rows) and
+join the running batch's cache
 (`kv_slots.join`); every step picks one token for each running row, rows that finish
 (EOS, a stop string, the token limit) leave, and cache slots no row uses any more are
 dropped. Prompts that share a prefix (few-shot examples) are prefilled from the prefix's
@@ -159,6 +160,27 @@ class _Prefill:
             self.hidden = out[:, -1]
 
 
+def _rest_length(prompt: Prompt) -> int:
+    return len(prompt.tokens) - (prompt.prefix.length if prompt.prefix is not None else 0)
+
+
+def _admission(pending: list[Prompt], free: int, chunk_tokens: int) -> list[Prompt]:
+    """The next prompts to prefill together: consecutive ones with the same prefix, at most `free`,
+    and only while the left-padded batch (rows x longest rest) fits in `chunk_tokens`. A batch
+    wider than the budget would be run a few columns at a time, and a batch of mixed lengths
+    computes its padding: both cost more than several batches of similar length (the queue is
+    sorted longest first, so neighbours are similar)."""
+    take = [pending[0]]
+    width = _rest_length(pending[0])
+    for candidate in pending[1:free]:
+        wider = max(width, _rest_length(candidate))
+        if candidate.prefix is not take[0].prefix or (len(take) + 1) * wider > chunk_tokens:
+            break
+        take.append(candidate)
+        width = wider
+    return take
+
+
 def _join(running: _Running | None, prefill: _Prefill, rows: list[_Row]) -> _Running:
     assert prefill.hidden is not None
     if running is None:
@@ -215,11 +237,7 @@ def generate(
         free = plan.slots - busy
         if prefill is None and pending and free > 0 and (plan.refill or running is None):
             if free >= min(admit_at_least, len(pending)) or running is None:
-                take = [pending[0]]
-                for candidate in pending[1:free]:
-                    if candidate.prefix is not take[0].prefix:
-                        break
-                    take.append(candidate)
+                take = _admission(pending, free, chunk_tokens)
                 del pending[: len(take)]
                 prefill = _Prefill(split, take, pad_token_id, chunk_tokens)
                 prefill_rows = [
