@@ -5,7 +5,14 @@ The tasks, over the harness's prepared data (`benchharness prepare`, done here i
 items of the harness's MMLU, which is stored round-robin over its 57 subjects (100 items:
 every subject, 1-2 items each; the subjects are printed); `mc_text`, the answer text as the
 continuation, on the next `--limit-mc` items in that order; `gsm8k`, zero-shot greedy
-generation with stop strings on the first `--limit-gen` GSM8K test items.
+generation with stop strings on the first `--limit-gen` GSM8K test items. Two more
+generation tasks are the harness's own suites as a run renders them (`bh_*` task YAML, the
+same prompts, stop strings and token limits): `humaneval`, the first `--limit-humaneval`
+HumanEval problems (default all 164; greedy, up to 384 new tokens, pass@1 from the sandbox),
+and `gsm8k_cot`, GSM8K 8-shot chain of thought (lm-eval's gsm8k-cot prompt, up to 256 new
+tokens) on the first `--limit-cot` test items. For generation the table also gives the
+engine's decode steps' bytes (every weight once per step, and each running row's keys and
+values) over their seconds and the memory read bandwidth measured in the same run.
 
 lm-eval's `hf` model runs each task at every batch setting `--hf-batch-sizes` names and the
 fastest counts (the table says which batch it used): by default the engine's row limit (the
@@ -78,15 +85,17 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from benchharness.suites.registry import default_cache_dir, get_suite, prepare_suite  # noqa: E402
+from benchharness.suites.registry import default_cache_dir, get_suite, prepare_suite, render_tasks  # noqa: E402
 from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token  # noqa: E402
-from benchharness.measure.limits import matmul_kernels, measure_matmul_flops  # noqa: E402
-from benchharness.engine.model_costs import matmul_params  # noqa: E402
+from benchharness.measure.limits import matmul_kernels, measure_matmul_flops, measure_memory_bandwidth  # noqa: E402
+from benchharness.engine.model_costs import decode_read_bytes, matmul_params  # noqa: E402
 from benchharness.engine.reference import row_bytes as reference_row_bytes  # noqa: E402
 
-TASKS = ("mmlu", "mc_text", "gsm8k")
+TASKS = ("mmlu", "mc_text", "gsm8k")  # the default set
+HARNESS_TASKS = {"humaneval": "bh_humaneval", "gsm8k_cot": "bh_gsm8k_cot"}  # rendered by `benchharness prepare`
+GENERATION = ("gsm8k", *HARNESS_TASKS)
 
 
 @dataclass
@@ -113,6 +122,7 @@ class Row:
     engine_budget: str
     attention_share: float  # of the useful FLOPs, the part that is attention
     engine_run_fracs: list[float]  # each engine run's useful FLOP/s over the peak around it
+    decode_bandwidth_frac: float = float("nan")  # generation: decode steps' bytes/s over the run's read bandwidth
 
     @property
     def speedup(self) -> float:
@@ -158,6 +168,15 @@ def write_data(folder: Path, cache_dir: Path, limit_mmlu: int, limit_mc: int, li
     return files
 
 
+def ensure_rendered_tasks(cache_dir: Path) -> None:
+    """The harness's task YAML rendered over its prepared data, as `benchharness prepare` does (HumanEval
+    and GSM8K prepared here if needed), so the harness tasks run with a run's exact prompts."""
+    data_root = cache_dir / "data"
+    for suite in ("humaneval", "gsm8k"):
+        prepare_suite(get_suite(suite), data_root)
+    render_tasks(Path(__file__).resolve().parents[1] / "configs" / "tasks", data_root, cache_dir / "tasks")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
@@ -173,7 +192,11 @@ def describe_subjects(rows: list[dict]) -> str:
     return f"{len(rows)} items, {len(counts)} subjects ({each} each): {listed}"
 
 
-def task_config(task: str, data_file: Path, max_gen_toks: int) -> dict:
+def task_config(task: str, data_file: Path | None, max_gen_toks: int) -> dict | str:
+    """The task to run: a config for the tasks written here, a rendered harness task's name for the others."""
+    if task in HARNESS_TASKS:
+        return HARNESS_TASKS[task]
+    assert data_file is not None
     base = {
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
@@ -279,7 +302,7 @@ class EvalRun:
     generations: list[tuple[str, str]]  # (prompt, output) of each generate_until request
 
 
-def run_eval(lm, task: dict, limit: int, task_manager: TaskManager) -> EvalRun:
+def run_eval(lm, task: dict | str, limit: int | None, task_manager: TaskManager) -> EvalRun:
     inside = [0.0]
     token_requests: list[TokenRequest] = []
     generations: list[tuple[str, str]] = []
@@ -378,6 +401,12 @@ def hf_row_bytes(model: torch.nn.Module, longest: int, generation: bool) -> floa
     return cache + 4 * (3 * longest * width + 4 * vocab)
 
 
+def max_gen_toks_of(run: EvalRun, name: str, default: int) -> int:
+    """The task's own token limit as lm-eval ran it (a harness task sets its own), else `default`."""
+    kwargs = run.out.get("configs", {}).get(name, {}).get("generation_kwargs") or {}
+    return int(kwargs.get("max_gen_toks", default))
+
+
 def longest_sequence(run: EvalRun, engine: BenchEngineLM, max_gen_toks: int) -> int:
     """Tokens in the longest sequence of the task (from the engine's run): what bounds an hf batch's memory."""
     if run.generations:
@@ -410,7 +439,7 @@ def useful_flops(
 
 def metric_of(out: dict, name: str) -> float:
     result = out["results"][name]
-    for key in ("acc,none", "exact_match,flexible-extract", "exact_match,none"):
+    for key in ("acc,none", "exact_match,flexible-extract", "exact_match,none", "pass@1,none"):
         if key in result:
             return float(result[key])
     raise KeyError(f"no known metric in {sorted(result)}")
@@ -425,7 +454,7 @@ def same_responses(first: dict, second: dict, name: str) -> bool:
 def compare_samples(task: str, hf_out: dict, engine_out: dict, name: str) -> str:
     hf_samples = {s["doc_id"]: s for s in hf_out["samples"][name]}
     engine_samples = {s["doc_id"]: s for s in engine_out["samples"][name]}
-    if task == "gsm8k":
+    if task in GENERATION:
         same = sum(hf_samples[d]["resps"] == engine_samples[d]["resps"] for d in hf_samples)
         return f"{same}/{len(hf_samples)} identical"
     diff = 0.0
@@ -442,6 +471,8 @@ def main() -> None:
     parser.add_argument("--limit-mmlu", type=int, default=100)
     parser.add_argument("--limit-mc", type=int, default=40)
     parser.add_argument("--limit-gen", type=int, default=16)
+    parser.add_argument("--limit-humaneval", type=int, default=None, help="HumanEval problems (default: all 164)")
+    parser.add_argument("--limit-cot", type=int, default=24, help="GSM8K items for the 8-shot chain-of-thought task")
     parser.add_argument("--max-gen-toks", type=int, default=96)
     parser.add_argument(
         "--hf-batch-sizes",
@@ -478,7 +509,11 @@ def main() -> None:
         if item not in ("engine", "auto") and not item.isdigit():
             raise SystemExit(f"--hf-batch-sizes: {item!r} is not an integer, 'engine' or 'auto'")
     budget = (args.hf_memory_gb * 1e9) if args.hf_memory_gb else psutil.virtual_memory().available / 2
-    limits = {"mmlu": args.limit_mmlu, "mc_text": args.limit_mc, "gsm8k": args.limit_gen}
+    for task in tasks:
+        if task not in TASKS and task not in HARNESS_TASKS:
+            raise SystemExit(f"--tasks: unknown task {task!r}; known: {', '.join((*TASKS, *HARNESS_TASKS))}")
+    limits = {"mmlu": args.limit_mmlu, "mc_text": args.limit_mc, "gsm8k": args.limit_gen,
+              "humaneval": args.limit_humaneval, "gsm8k_cot": args.limit_cot}
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -502,10 +537,16 @@ def main() -> None:
         + ", ".join(f"{kernel} {value / 1e9:.1f} GFLOP/s" for kernel, value in latest.items())
         + f"; torch threads {torch.get_num_threads()}; hf batches may take {budget / 1e9:.1f} GB"
     )
+    bandwidths: list[float] = []  # memory read bandwidth (bytes/s), measured around each generation task
     rows: list[Row] = []
-    task_manager = TaskManager()
+    cache_dir = args.cache or default_cache_dir()
+    if any(task in HARNESS_TASKS for task in tasks):
+        ensure_rendered_tasks(cache_dir)
+        task_manager = TaskManager(include_path=str(cache_dir / "tasks"))
+    else:
+        task_manager = TaskManager()
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_data(Path(tmp), args.cache or default_cache_dir(), args.limit_mmlu, args.limit_mc, args.limit_gen)
+        files = write_data(Path(tmp), cache_dir, args.limit_mmlu, args.limit_mc, args.limit_gen)
         for model_name, path in model_dirs.items():
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, attn_implementation="sdpa"
@@ -528,9 +569,11 @@ def main() -> None:
                 f"from a {probe_s:.2f} s probe"
             )
             for task in tasks:
-                config = task_config(task, files[task], args.max_gen_toks)
-                name = config["task"]
-                generation = task == "gsm8k"
+                config = task_config(task, files.get(task), args.max_gen_toks)
+                name = config if isinstance(config, str) else config["task"]
+                generation = task in GENERATION
+                if generation:
+                    bandwidths.append(measure_memory_bandwidth("cpu", min_seconds=0.5).max)
                 # The engine first: its requests give the task's longest sequence, which bounds the
                 # memory of an hf batch. (seconds, peaks before, peaks after) of each engine run;
                 # the first is the speedup's.
@@ -548,7 +591,7 @@ def main() -> None:
                 best_s, best_before, best_after = min(engine_runs, key=lambda r: r[0])
 
                 # lm-eval hf at each batch setting that fits; the fastest counts.
-                longest = longest_sequence(engine_run, engine, args.max_gen_toks)
+                longest = longest_sequence(engine_run, engine, max_gen_toks_of(engine_run, name, args.max_gen_toks))
                 probe_length = hf_max_length if generation else longest  # HFLM's auto probe for generation: max_length
                 settings, left_out = hf_batches(
                     hf_wanted,
@@ -592,8 +635,14 @@ def main() -> None:
                     f"engine {engine.batch_info['budget_method']} budget {engine.batch_info['token_budget']}, "
                     f"{stats}; useful {useful / 1e9:.0f} GFLOP ({attention / useful:.1%} attention)"
                 )
+                decode_bandwidth = float("nan")
                 if generation:
                     engine_eff = hf_eff = float("nan")
+                    bandwidths.append(measure_memory_bandwidth("cpu", min_seconds=0.5).max)
+                    read = stats.decode_steps * decode_read_bytes(model) + stats.kv_slot_reads * kv_bytes_per_token(
+                        model.config.get_text_config(), torch.float32
+                    )
+                    decode_bandwidth = read / max(stats.decode_seconds, 1e-9) / max(bandwidths[-2:])
                 else:
                     engine_eff = stats.score_min_tokens / max(1, stats.score_padded_tokens)
                     hf_eff = stats.score_min_tokens / max(1, hf_tokens)
@@ -603,7 +652,7 @@ def main() -> None:
                     Row(
                         model=model_name,
                         task=task,
-                        items=limits[task],
+                        items=len(engine_run.out["samples"][name]),
                         hf_s=hf_s,
                         hf_batch=hf_batch,
                         hf_tries="; ".join(tried),
@@ -622,6 +671,7 @@ def main() -> None:
                         engine_blas_peak=max(best_before["torch.matmul"], best_after["torch.matmul"]),
                         engine_budget=str(engine.batch_info["token_budget"]),
                         attention_share=attention / useful,
+                        decode_bandwidth_frac=decode_bandwidth,
                         engine_run_fracs=[
                             useful / seconds / max(*before.values(), *after.values())
                             for seconds, before, after in engine_runs
@@ -664,15 +714,17 @@ def table_line(row: Row, run_peak: float) -> str:
         f"{row.speedup:.2f}x | {row.hf_score:.3f} | {row.engine_score:.3f} | {row.agreement} | "
         f"{_fmt(row.hf_token_eff, '.2f')} | {_fmt(row.engine_token_eff, '.2f')} | "
         f"{row.hf_flops_frac:.0%} | {row.engine_flops_frac:.0%} ({row.engine_flops / row.engine_blas_peak:.0%}) "
-        f"[{row.engine_flops / run_peak:.0%}] | {row.engine_peak / 1e9:.0f} | {row.engine_budget} |"
+        f"[{row.engine_flops / run_peak:.0%}] | {_fmt(row.decode_bandwidth_frac, '.0%')} | {row.engine_peak / 1e9:.0f} | "
+        f"{row.engine_budget} |"
     )
 
 
 HEADER = (
     "| model | task | items | hf s | hf batch | engine s | engine best s | speedup | hf score | engine score | agreement "
     "| hf token eff | engine token eff | hf useful FLOP/s / peak "
-    "| engine useful FLOP/s / peak (/ torch.matmul's) [/ run's highest] | engine's peak GFLOP/s | engine budget |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| engine useful FLOP/s / peak (/ torch.matmul's) [/ run's highest] | engine decode bytes/s / bandwidth "
+    "| engine's peak GFLOP/s | engine budget |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
