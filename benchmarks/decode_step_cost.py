@@ -1,0 +1,101 @@
+"""What one decode step costs at a given number of running rows, and what bounds it.
+
+For each row count B, a cache of S slots is filled (B rows of S random tokens), then the
+engine's decode step is timed as the continuous loop runs it (output layer and token choice
+on each row's last hidden state, then the body on one new token per row): the median of
+`--steps` steps. Beside it: the model's linear products alone at the same B (every linear
+layer once, in order, through the engine's oneDNN kernel, so each weight is read cold as in
+the model), with their GFLOP/s and the weights' GB/s; and this machine's fp32 matmul peak
+and memory read bandwidth, measured in the same run. A step can be no faster than reading
+every weight once (bandwidth) nor than its FLOPs at the peak; the table shows which bound
+the rows sit near.
+
+    python benchmarks/decode_step_cost.py --model-dir PATH [--rows 1,4,16,64] [--slots 400] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchharness.engine import kv_slots
+from benchharness.engine.head import split_model
+from benchharness.engine.onednn import onednn_available, onednn_linear
+from benchharness.measure.limits import matmul_kernels, measure_matmul_flops, measure_memory_bandwidth
+
+
+def step_seconds(split, config, rows: int, slots: int, steps: int) -> float:
+    """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots."""
+    cache = kv_slots.new_cache(config)
+    ids = torch.randint(0, 1000, (rows, slots))
+    mask = torch.ones(rows, slots, dtype=torch.long)
+    positions = torch.arange(slots).expand(rows, slots)
+    hidden = split.forward_body(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    ).last_hidden_state[:, -1]
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        tokens = split.logits(hidden).argmax(-1)
+        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+        hidden = split.forward_body(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:] + 1 + step,
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state[:, -1]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])  # the first step warms up
+
+
+def linears_seconds(linears: list[torch.nn.Linear], rows: int) -> float:
+    """Fastest of three passes over every linear layer at `rows` rows (oneDNN, weights cold between uses)."""
+    inputs = {layer: torch.randn(rows, layer.in_features) for layer in linears}
+    run = (lambda layer: onednn_linear(inputs[layer], layer.weight, layer.bias)) if onednn_available() else (
+        lambda layer: torch.nn.functional.linear(inputs[layer], layer.weight, layer.bias))
+    for layer in linears:
+        run(layer)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for layer in linears:
+            run(layer)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--rows", default="1,4,16,25,64")
+    parser.add_argument("--slots", type=int, default=400, help="cache slots each row attends over")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    split = split_model(model, check=False, cpu_kernels=True)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in linears)
+    peak = max(measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=k).max for k in matmul_kernels("cpu", torch.float32))
+    bandwidth = measure_memory_bandwidth("cpu", min_seconds=0.5).max
+    print(f"{args.model_dir.name}: linear weights {weight_bytes / 1e9:.2f} GB; {torch.get_num_threads()} threads; "
+          f"matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; cache {args.slots} slots")
+    print("| rows | decode step ms | linears alone ms | their GFLOP/s | their weight GB/s | rest of the step ms "
+          "| bound: weights at bandwidth ms | bound: FLOPs at peak ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for rows in (int(r) for r in args.rows.split(",")):
+            step = step_seconds(split, model.config, rows, args.slots, args.steps)
+            alone = linears_seconds(linears, rows)
+            flops = sum(2 * rows * layer.weight.numel() for layer in linears)
+            print(f"| {rows} | {1e3 * step:.0f} | {1e3 * alone:.0f} | {flops / alone / 1e9:.0f} | {weight_bytes / alone / 1e9:.1f} | "
+                  f"{1e3 * (step - alone):.0f} | {1e3 * weight_bytes / bandwidth:.0f} | {1e3 * flops / peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
