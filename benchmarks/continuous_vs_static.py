@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from lm_eval.tasks import TaskManager
+
+from task_requests import generate_requests  # benchmarks/, beside this script
 
 from benchharness.engine import BenchEngineLM
-from benchharness.suites.registry import default_cache_dir
 
 
 def main() -> None:
@@ -39,15 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tasks_dir = (args.cache or default_cache_dir()) / "tasks"
-    if not tasks_dir.is_dir():
-        raise SystemExit(f"no rendered tasks at {tasks_dir}: run `benchharness prepare` first")
-    manager = TaskManager(include_path=str(tasks_dir))
-    task = manager.load_task_or_group([args.task])[args.task]
-    task.build_all_requests(limit=args.limit, rank=0, world_size=1)
-    requests = [instance for instance in task.instances if instance.request_type == "generate_until"]
-    if not requests:
-        raise SystemExit(f"{args.task} has no generate_until requests")
+    requests = generate_requests(args.task, args.limit, args.cache)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
