@@ -26,7 +26,7 @@ import transformers
 from benchharness.engine import kv_slots
 from benchharness.engine.head import split_model
 from benchharness.engine.onednn import onednn_available, onednn_linear
-from benchharness.measure.limits import matmul_kernels, measure_matmul_flops, measure_memory_bandwidth
+from benchharness.measure.limits import measure_machine_limits
 
 
 def step_seconds(split, config, rows: int, slots: int, steps: int) -> float:
@@ -81,8 +81,8 @@ def main() -> None:
     split = split_model(model, check=False, cpu_kernels=True)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in linears)
-    peak = max(measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=k).max for k in matmul_kernels("cpu", torch.float32))
-    bandwidth = measure_memory_bandwidth("cpu", min_seconds=0.5).max
+    limits = measure_machine_limits("cpu", torch.float32, min_seconds=0.5)  # the faster fp32 kernel, and read bandwidth
+    peak, bandwidth = limits.peak_flops, limits.peak_bandwidth
     print(f"{args.model_dir.name}: linear weights {weight_bytes / 1e9:.2f} GB; {torch.get_num_threads()} threads; "
           f"matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s; cache {args.slots} slots")
     print("| rows | decode step ms | linears alone ms | their GFLOP/s | their weight GB/s | rest of the step ms "

@@ -90,7 +90,8 @@ from benchharness.engine import BenchEngineLM, EngineStats  # noqa: E402
 from benchharness.engine.batching import TokenRequest, distinct_prefix_depths, truncate_request  # noqa: E402
 from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token  # noqa: E402
 from benchharness.measure.limits import matmul_kernels, measure_matmul_flops, measure_memory_bandwidth  # noqa: E402
-from benchharness.engine.model_costs import decode_read_bytes, matmul_params  # noqa: E402
+from benchharness.engine.model_costs import matmul_params  # noqa: E402
+from benchharness.measure.probe import DecodeBytes  # noqa: E402
 from benchharness.engine.reference import row_bytes as reference_row_bytes  # noqa: E402
 
 TASKS = ("mmlu", "mc_text", "gsm8k")  # the default set
@@ -639,9 +640,7 @@ def main() -> None:
                 if generation:
                     engine_eff = hf_eff = float("nan")
                     bandwidths.append(measure_memory_bandwidth("cpu", min_seconds=0.5).max)
-                    read = stats.decode_steps * decode_read_bytes(model) + stats.kv_slot_reads * kv_bytes_per_token(
-                        model.config.get_text_config(), torch.float32
-                    )
+                    read = DecodeBytes.of(model).read(stats.decode_steps, stats.kv_slot_reads)
                     decode_bandwidth = read / max(stats.decode_seconds, 1e-9) / max(bandwidths[-2:])
                 else:
                     engine_eff = stats.score_min_tokens / max(1, stats.score_padded_tokens)

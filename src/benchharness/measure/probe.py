@@ -22,6 +22,7 @@ import torch
 
 from benchharness.config.catalog import ModelEntry
 from benchharness.config.speed_spec import ProbeSpec
+from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
 from benchharness.engine.model_costs import (
     MatmulParams,
     decode_read_bytes,
@@ -346,6 +347,18 @@ class DecodeBytes:
     weights: int
     kv_per_token: int  # one cache slot of one row, every layer
 
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> DecodeBytes:
+        """A model's weights as a decode step reads them, and its keys and values per cache slot, in its dtype."""
+        return cls(
+            weights=decode_read_bytes(model),
+            kv_per_token=kv_bytes_per_token(model.config.get_text_config(), next(model.parameters()).dtype),
+        )
+
+    def read(self, steps: int, kv_slot_reads: int) -> int:
+        """Bytes `steps` decode steps read, whose running rows read `kv_slot_reads` cache slots in all."""
+        return steps * self.weights + kv_slot_reads * self.kv_per_token
+
 
 def eval_rows(
     entry: ModelEntry, task: str, per_rank: list[dict[str, Any]], batch_size: int | str,
@@ -392,7 +405,7 @@ def eval_rows(
         rows.append(row(phase, tokens, seconds, flops, peak, limits.peak_flops * devices if limits else None))
         decode_seconds = max(float(c.get("decode_seconds", 0.0)) for c in per_rank)
         if phase == "eval_generate" and decode_bytes is not None and limits is not None and decode_seconds > 0:
-            read = sum(int(c["decode_steps"]) * decode_bytes.weights + int(c["decode_kv_slot_reads"]) * decode_bytes.kv_per_token for c in per_rank)
+            read = sum(decode_bytes.read(int(c["decode_steps"]), int(c["decode_kv_slot_reads"])) for c in per_rank)
             rows[-1]["bandwidth_efficiency"] = read / decode_seconds / (limits.peak_bandwidth * devices)
         if len(per_rank) > 1:
             for rank, c in enumerate(per_rank):

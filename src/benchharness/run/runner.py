@@ -25,8 +25,7 @@ from tqdm import tqdm
 from benchharness.config.catalog import ModelEntry
 from benchharness.config.experiment import EXTERNAL_ENGINES, Experiment, SuiteSpec
 from benchharness.config.speed_spec import ProbeSpec
-from benchharness.engine.kv_slots import bytes_per_token as kv_bytes_per_token
-from benchharness.engine.model_costs import decode_read_bytes, matmul_params
+from benchharness.engine.model_costs import matmul_params
 from benchharness.errors import HarnessError
 from benchharness.files import atomic_write_text, sha256_file
 from benchharness.measure.hardware import hardware_info
@@ -358,10 +357,7 @@ def _evaluate_model(
     model_info: dict[str, Any] = {"chat_template": chat, "load_seconds": round(load.seconds, 3), "thinking": thinking}
     params = matmul_params(model)
     # Decode bytes are the fp32 weights' and cache's: not what a quantized external engine reads.
-    decode_bytes = None if external else DecodeBytes(
-        weights=decode_read_bytes(model),
-        kv_per_token=kv_bytes_per_token(model.config.get_text_config(), next(model.parameters()).dtype),
-    )
+    decode_bytes = None if external else DecodeBytes.of(model)
 
     metered = MeteredLM(lm, tokenizer, dist=dist)
     reference: Any = None  # lm-eval's hf model on the same weights, built when the certificate first needs it
