@@ -7,6 +7,7 @@ No test asserts anything about how fast something ran.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import fields
 
@@ -26,7 +27,9 @@ from transformers import (
 from benchharness.engine.model_costs import MatmulParams
 from benchharness.measure.probe import THROUGHPUT_COLUMNS
 from benchharness.engine.onednn import onednn_available
-from benchharness.measure.limits import MachineLimits, matmul_kernels, measure_machine_limits, measure_matmul_flops, measure_memory_bandwidth
+from benchharness.measure.limits import (
+    MachineLimits, best_of, matmul_kernels, measure_machine_limits, measure_matmul_flops, measure_memory_bandwidth, rescale_efficiencies,
+)
 from benchharness.measure.memory import MemorySampler
 from benchharness.config.speed_spec import ProbeShape, ProbeSpec
 from benchharness.measure.timing import Summary, repeat_timed, summarize
@@ -241,6 +244,25 @@ def fake_limits(flops: float = 1e9, bandwidth: float = 1e8) -> MachineLimits:
     # The medians are half the maxima, so a test sees which one the efficiency uses.
     return MachineLimits(device="cpu", dtype="float32", matmul_flops=summarize([flops / 4, flops / 2, flops]),
                          memory_bandwidth=summarize([bandwidth / 2, bandwidth]), matmul_size=1, bandwidth_bytes=1)
+
+
+def test_limits_take_the_best_of_two_measurements_and_restate_rows() -> None:
+    slow_matmul, slow_memory = fake_limits(flops=1e9, bandwidth=2e8), fake_limits(flops=2e9, bandwidth=1e8)
+    best = best_of(slow_matmul, slow_memory)
+    assert (best.peak_flops, best.peak_bandwidth) == (2e9, 2e8)
+    assert (best_of(slow_memory, slow_matmul).peak_flops, best_of(slow_memory, slow_matmul).peak_bandwidth) == (2e9, 2e8)
+    assert MachineLimits.from_dict({**best.to_dict(), "measurements": []}) == best
+    rows = [
+        {"flops_efficiency": 0.8, "bandwidth_efficiency": 0.5},
+        {"flops_efficiency": "0.4", "bandwidth_efficiency": float("nan")},  # as read back from a CSV
+        {"flops_efficiency": None, "bandwidth_efficiency": ""},  # a row without these figures
+    ]
+    rescale_efficiencies(rows, slow_matmul, best)  # rows computed against 1e9 / 2e8
+    assert rows[0] == {"flops_efficiency": pytest.approx(0.4), "bandwidth_efficiency": pytest.approx(0.5)}
+    assert rows[1]["flops_efficiency"] == pytest.approx(0.2) and math.isnan(rows[1]["bandwidth_efficiency"])
+    assert rows[2] == {"flops_efficiency": None, "bandwidth_efficiency": ""}
+    rescale_efficiencies(rows, slow_memory, best)  # 2e9 / 1e8 against 2e9 / 2e8: bandwidth halves
+    assert rows[0] == {"flops_efficiency": pytest.approx(0.4), "bandwidth_efficiency": pytest.approx(0.25)}
 
 
 def test_probe_token_counts_equal_what_the_model_processed() -> None:

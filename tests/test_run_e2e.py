@@ -70,6 +70,10 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert prefill.tokens == prefill.reps * 2 * 8  # batch x prompt_len per timed run
     assert set(speed.phase) >= {"load_warm", "eval", "prefill", "decode"}
     assert manifest["limits"]["matmul_flops"]["median"] > 0
+    # measured at the start and after the model; the run's peak is the higher of the two
+    measured = manifest["limits"]["measurements"]
+    assert [m["when"] for m in measured] == ["start", "after tiny-llama"]
+    assert manifest["limits"]["peak_flops"] == max(m["peak_flops"] for m in measured)
     assert manifest["models"]["tiny-llama"]["requests"]["bh_mmlu"] == {"computed": 24, "cached": 0}
     assert (run / "report.md").is_file()
     assert main(["verify", str(run)]) == 0
@@ -92,6 +96,36 @@ def test_tiny_run_writes_complete_tables(tmp_path: Path, tiny_model_dir: Path) -
     assert "0-shot, no chat template, acc" in set(stored["protocol"])
     assert all(p.startswith("0-shot, no chat template, acc") for p in stored["protocol"])
     assert query("SELECT count(*) AS n FROM samples", runs / "runs.sqlite")["n"].item() == 6
+
+
+def test_rows_are_restated_against_the_best_limits_of_the_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine measured slow at the start and faster after the model (a shared machine): the
+    run's limits are the faster measurement's, and the rows computed before it are restated."""
+    from benchharness.measure.limits import MachineLimits
+    from benchharness.measure.timing import summarize
+    from benchharness.run import runner
+
+    def limits(flops: float, bandwidth: float) -> MachineLimits:
+        return MachineLimits(device="cpu", dtype="float32", matmul_flops=summarize([flops / 2, flops]),
+                             memory_bandwidth=summarize([bandwidth]), matmul_size=8, bandwidth_bytes=8)
+
+    measurements = iter([limits(1e9, 4e9), limits(4e9, 1e9)])  # matmul faster later, bandwidth slower
+    monkeypatch.setattr(runner, "measure_machine_limits", lambda *args, **kwargs: next(measurements))
+    code, runs = _run(tmp_path, BODY, tiny_catalog(tiny_model_dir))
+    assert code == 0
+    (run,) = run_folders(runs)
+    manifest = json.loads((run / "manifest.json").read_text())
+    recorded = manifest["limits"]
+    assert (recorded["peak_flops"], recorded["peak_bandwidth"]) == (4e9, 4e9)  # the best of each
+    assert [(m["when"], m["peak_flops"], m["peak_bandwidth"]) for m in recorded["measurements"]] == [
+        ("start", 1e9, 4e9), ("after tiny-llama", 4e9, 1e9)]
+    speed = pd.read_csv(run / "throughput.csv")
+    rated = speed[speed.flops_efficiency.notna()]
+    assert set(rated.phase) >= {"eval", "prefill", "decode"}  # computed against the start's 1e9
+    assert list(rated.flops_efficiency) == pytest.approx(list(rated.achieved_flops / 4e9))
+    # the bandwidth peak did not rise: the decode row's bandwidth share is as computed
+    decode = speed[speed.phase == "decode"].iloc[0]
+    assert 0 < decode.bandwidth_efficiency
 
 
 def test_engine_run_probes_the_serving_scenario(tmp_path: Path, tiny_model_dir: Path) -> None:

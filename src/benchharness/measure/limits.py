@@ -6,13 +6,18 @@
 - The limits are the fastest of their timed runs (`MachineLimits.peak_flops`, `peak_bandwidth`):
   interference only slows a run down, so the maximum estimates the ceiling. The probe's own figures
   are medians, so on a busy machine efficiency reads low rather than above 1.
+- A run measures them more than once (at its start and after each model, `best_of`): a shared
+  machine can be slow for the few seconds of one measurement and fast while a model runs, and
+  a peak measured only in a slow moment puts efficiencies above 1. Rows computed against an
+  earlier, lower peak are restated against the best one (`rescale_efficiencies`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -48,6 +53,50 @@ class MachineLimits:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "peak_flops": self.peak_flops, "peak_bandwidth": self.peak_bandwidth}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MachineLimits:
+        """The limits `to_dict` wrote (a manifest's `limits`); extra keys are ignored."""
+        return cls(
+            device=str(data["device"]),
+            dtype=str(data["dtype"]),
+            matmul_flops=Summary(**data["matmul_flops"]),
+            memory_bandwidth=Summary(**data["memory_bandwidth"]),
+            matmul_size=int(data["matmul_size"]),
+            bandwidth_bytes=int(data["bandwidth_bytes"]),
+            matmul_kernel=str(data.get("matmul_kernel", "torch.matmul")),
+        )
+
+
+def best_of(earlier: MachineLimits, later: MachineLimits) -> MachineLimits:
+    """Each limit from whichever of two measurements reached higher (the matmul figures with
+    their kernel and size, the bandwidth with its buffer size)."""
+    matmul = later if later.peak_flops > earlier.peak_flops else earlier
+    bandwidth = later if later.peak_bandwidth > earlier.peak_bandwidth else earlier
+    return replace(matmul, memory_bandwidth=bandwidth.memory_bandwidth, bandwidth_bytes=bandwidth.bandwidth_bytes)
+
+
+def rescale_efficiencies(rows: Iterable[dict[str, Any]], before: MachineLimits, after: MachineLimits) -> None:
+    """Restate throughput rows' `flops_efficiency` and `bandwidth_efficiency`, computed against
+    `before`'s peaks, against `after`'s (in place). Both are achieved / peak, so the ratio of the
+    peaks restates them exactly, whatever devices factor a row's peak was multiplied by."""
+    factors = {
+        "flops_efficiency": before.peak_flops / after.peak_flops,
+        "bandwidth_efficiency": before.peak_bandwidth / after.peak_bandwidth,
+    }
+    for row in rows:
+        for column, factor in factors.items():
+            value = _number(row.get(column))
+            if value is not None:
+                row[column] = value * factor
+
+
+def _number(value: Any) -> float | None:
+    """A table cell as a float; None for an empty one (None, "", NaN: a row without that figure)."""
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
 
 
 def _default_matmul_size(device: torch.device) -> int:

@@ -29,7 +29,7 @@ from benchharness.engine.model_costs import matmul_params
 from benchharness.errors import HarnessError
 from benchharness.files import atomic_write_text, sha256_file
 from benchharness.measure.hardware import hardware_info
-from benchharness.measure.limits import MachineLimits, measure_machine_limits
+from benchharness.measure.limits import MachineLimits, best_of, measure_machine_limits, rescale_efficiencies
 from benchharness.measure.memory import MemorySampler
 from benchharness.measure.metered import MeteredLM
 from benchharness.measure.probe import (
@@ -153,16 +153,33 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
     # Every rank needs to know which model/suite pairs are done; only rank 0 keeps the tables.
     manifest = on_main(dist, start)
 
-    def measure_limits() -> MachineLimits | None:
+    def measure_limits(earlier: MachineLimits | None, when: str) -> MachineLimits | None:
+        """Measure the machine again; the run's limits are the best of every measurement so far
+        (a resumed run's first part included), and rows already in throughput.csv are restated
+        against them, so every row of the table has the same denominators."""
         if experiment.speed is None:
             return None
         # One process measures while the others wait, so they do not compete for the device.
-        log.info("measuring this machine's matmul FLOP/s and memory bandwidth (%s, %s)", device, dtype)
+        log.info("measuring this machine's matmul FLOP/s and memory bandwidth (%s, %s; %s)", device, dtype, when)
         measured = measure_machine_limits(device, getattr(torch, dtype), min_seconds=experiment.speed.limits_min_seconds)
-        manifest["limits"] = measured.to_dict()
-        return measured
+        recorded = manifest.get("limits") or {}
+        if earlier is None and recorded.get("device") == measured.device and recorded.get("dtype") == measured.dtype:
+            earlier = MachineLimits.from_dict(recorded)  # a resumed run: its rows are relative to these
+        best = measured if earlier is None else best_of(earlier, measured)
+        measurements = [*recorded.get("measurements", []), {
+            "when": when, "peak_flops": measured.peak_flops, "matmul_kernel": measured.matmul_kernel,
+            "peak_bandwidth": measured.peak_bandwidth,
+        }]
+        manifest["limits"] = {**best.to_dict(), "measurements": measurements}
+        if earlier is not None and (best.peak_flops, best.peak_bandwidth) != (earlier.peak_flops, earlier.peak_bandwidth):
+            log.info("limits now %.1f GFLOP/s, %.1f GB/s (were %.1f, %.1f): throughput rows restated",
+                     best.peak_flops / 1e9, best.peak_bandwidth / 1e9, earlier.peak_flops / 1e9, earlier.peak_bandwidth / 1e9)
+            rescale_efficiencies(speed_rows, earlier, best)
+            _record_file(store, manifest, store.write_table("throughput.csv", speed_rows, THROUGHPUT_COLUMNS))
+        store.write_manifest(manifest)
+        return best
 
-    limits = on_main(dist, measure_limits)
+    limits = on_main(dist, lambda: measure_limits(None, "start"))
     if main:
         log.info("stage 3/3: evaluating -> %s", store.folder)
     status = "failed"
@@ -178,12 +195,15 @@ def run_experiment(experiment: Experiment, cache_dir: Path, resume: Path | None 
         todo = {entry.name: [p for p in planned if (entry.name, p.spec.name) not in done] for entry in experiment.models}
         if dist is not None and experiment.parallel == "models":
             _evaluate_models_side_by_side(experiment, todo, resolved, task_manager, device, dtype, limits, store, dist, commit)
+            on_main(dist, lambda: measure_limits(limits, "end"))
         else:
             for entry in experiment.models:
                 if todo[entry.name]:
                     for update in _evaluate_model(experiment, entry, resolved[entry.name], todo[entry.name], task_manager, device, dtype, limits, store, dist):
                         pairs.set_postfix_str(f"{entry.name} / {update.completed_suite or 'speed probe'}")
                         commit(update)
+                    # Again after each model: the next model's rows use the best peak so far.
+                    limits = on_main(dist, lambda: measure_limits(limits, f"after {entry.name}"))
         pairs.close()
         status = "complete"
     except KeyboardInterrupt:
