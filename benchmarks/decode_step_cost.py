@@ -10,7 +10,10 @@ and memory read bandwidth, measured in the same run. A step can be no faster tha
 every weight once (bandwidth) nor than its FLOPs at the peak; the table shows which bound
 the rows sit near.
 
-    python benchmarks/decode_step_cost.py --model-dir PATH [--rows 1,4,16,64] [--slots 400] [--threads 2]
+With `--profile-rows N`, torch's profiler then shows where a step at N rows spends its time
+(the ops by their own CPU time per step: the linear kernel, the cache's concatenation, attention).
+
+    python benchmarks/decode_step_cost.py --model-dir PATH [--rows 1,4,16,64] [--slots 400] [--threads 2] [--profile-rows 25]
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from benchharness.engine.onednn import onednn_available, onednn_linear
 from benchharness.measure.limits import measure_machine_limits
 
 
-def step_seconds(split, config, rows: int, slots: int, steps: int) -> float:
-    """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots."""
+def step_seconds(split, config, rows: int, slots: int, steps: int, profiler=None) -> float:
+    """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots.
+    With `profiler` (a torch profiler, not started), the timed steps run inside it."""
     cache = kv_slots.new_cache(config)
     ids = torch.randint(0, 1000, (rows, slots))
     mask = torch.ones(rows, slots, dtype=torch.long)
@@ -40,6 +44,8 @@ def step_seconds(split, config, rows: int, slots: int, steps: int) -> float:
     ).last_hidden_state[:, -1]
     times = []
     for step in range(steps + 1):
+        if step == 1 and profiler is not None:
+            profiler.start()  # after the warm-up step
         start = time.perf_counter()
         tokens = split.logits(hidden).argmax(-1)
         mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
@@ -48,7 +54,25 @@ def step_seconds(split, config, rows: int, slots: int, steps: int) -> float:
             past_key_values=cache, use_cache=True,
         ).last_hidden_state[:, -1]
         times.append(time.perf_counter() - start)
+    if profiler is not None:
+        profiler.stop()
     return statistics.median(times[1:])  # the first step warms up
+
+
+def print_profile(split, config, rows: int, slots: int, steps: int) -> None:
+    """Where a step's time goes: torch's profiler over `steps` steps, ops by their own CPU time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    step = step_seconds(split, config, rows, slots, steps, profiler)
+    events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(event.self_cpu_time_total for event in events) / steps / 1e3
+    print(f"\nprofile at {rows} rows, {slots} slots: {1e3 * step:.0f} ms a step unprofiled, {total:.0f} ms of op time profiled")
+    print("| op | ms per step | share |")
+    print("|---|---|---|")
+    for event in events[:8]:
+        ms = event.self_cpu_time_total / steps / 1e3
+        print(f"| {event.key} | {ms:.0f} | {ms / total:.0%} |")
 
 
 def linears_seconds(linears: list[torch.nn.Linear], rows: int) -> float:
@@ -74,6 +98,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=400, help="cache slots each row attends over")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile-rows", type=int, default=None, help="also profile the step at this many rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +120,8 @@ def main() -> None:
             flops = sum(2 * rows * layer.weight.numel() for layer in linears)
             print(f"| {rows} | {1e3 * step:.0f} | {1e3 * alone:.0f} | {flops / alone / 1e9:.0f} | {weight_bytes / alone / 1e9:.1f} | "
                   f"{1e3 * (step - alone):.0f} | {1e3 * weight_bytes / bandwidth:.0f} | {1e3 * flops / peak:.0f} |", flush=True)
+        if args.profile_rows:
+            print_profile(split, model.config, args.profile_rows, args.slots, args.steps)
 
 
 if __name__ == "__main__":
