@@ -6,9 +6,9 @@ patched to write the new token into spare slots of a preallocated buffer.
 An upper bound for an in-place cache: no rows join or leave between the timed steps (the
 engine's joins and leaves copy the cache either way), and the cache stays under any sliding
 window (the patched update does not slide). The two variants alternate in one process,
-`--pairs` times, each over a fresh cache of `--rows` x `--slots` random tokens (the same
-tokens for both); the script checks that they pick the same tokens and prints the median
-step time of each.
+`--pairs` times, each over a fresh cache of `--rows` x `--slots` seeded random tokens, timed
+as `decode_step_cost.py` times a step; the script checks that both pick the same tokens and
+prints the median step time of each.
 
     python benchmarks/cache_append_probe.py --model-dir PATH --rows 49 --slots 500 [--pairs 4] [--threads 2]
 """
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import transformers
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from benchharness.engine import kv_slots
 from benchharness.engine.head import split_model
+from decode_step_cost import decode_steps  # the script beside this one
 
 STOCK = {DynamicLayer: DynamicLayer.update, DynamicSlidingWindowLayer: DynamicSlidingWindowLayer.update}
 SPARE_SLOTS = 128
@@ -58,29 +57,6 @@ def use(variant: str) -> None:
         cls.update = stock if variant == "stock" else update_in_place
 
 
-def trial(split, config, rows: int, slots: int, steps: int) -> tuple[float, list[int]]:
-    """Median seconds of `steps` decode steps after one warm-up, and the tokens of the last step."""
-    generator = torch.Generator().manual_seed(0)
-    cache = kv_slots.new_cache(config)
-    ids = torch.randint(0, 1000, (rows, slots), generator=generator)
-    mask = torch.ones(rows, slots, dtype=torch.long)
-    positions = torch.arange(slots).expand(rows, slots)
-    hidden = split.forward_body(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    ).last_hidden_state[:, -1]
-    times = []
-    for step in range(steps + 1):
-        start = time.perf_counter()
-        tokens = split.logits(hidden).argmax(-1)
-        mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-        hidden = split.forward_body(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, -1:] + 1 + step,
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state[:, -1]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), tokens.tolist()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True, type=Path)
@@ -100,7 +76,7 @@ def main() -> None:
             tokens = {}
             for variant in seconds:
                 use(variant)
-                step, tokens[variant] = trial(split, model.config, args.rows, args.slots, args.steps)
+                step, tokens[variant] = decode_steps(split, model.config, args.rows, args.slots, args.steps)
                 seconds[variant].append(step)
                 print(f"pair {pair + 1}: {variant} {1e3 * step:.0f} ms a step", flush=True)
             if tokens["stock"] != tokens["in place"]:

@@ -35,8 +35,15 @@ from benchharness.measure.limits import measure_machine_limits
 def step_seconds(split, config, rows: int, slots: int, steps: int, profiler=None) -> float:
     """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots.
     With `profiler` (a torch profiler, not started), the timed steps run inside it."""
+    return decode_steps(split, config, rows, slots, steps, profiler)[0]
+
+
+def decode_steps(split, config, rows: int, slots: int, steps: int, profiler=None) -> tuple[float, list[int]]:
+    """`step_seconds`, and the tokens the last step picked (the cache holds seeded random tokens,
+    the same on every call)."""
+    generator = torch.Generator().manual_seed(0)
     cache = kv_slots.new_cache(config)
-    ids = torch.randint(0, 1000, (rows, slots))
+    ids = torch.randint(0, 1000, (rows, slots), generator=generator)
     mask = torch.ones(rows, slots, dtype=torch.long)
     positions = torch.arange(slots).expand(rows, slots)
     hidden = split.forward_body(
@@ -56,7 +63,7 @@ def step_seconds(split, config, rows: int, slots: int, steps: int, profiler=None
         times.append(time.perf_counter() - start)
     if profiler is not None:
         profiler.stop()
-    return statistics.median(times[1:])  # the first step warms up
+    return statistics.median(times[1:]), tokens.tolist()  # the first step warms up
 
 
 def print_profile(split, config, rows: int, slots: int, steps: int) -> None:
