@@ -1,14 +1,15 @@
-"""What the KV cache's per-step concatenation costs a decode step: the engine's step with
-transformers' dynamic cache as it is (each step concatenates every layer's keys and values
-with the new token's, a copy of the whole cache) against the same step with the cache update
-patched to write the new token into spare slots of a preallocated buffer.
+"""What copying the KV cache at every step costs a decode step: the engine's step with its
+slot buffers (each step writes the new token into spare slots) against the same step with
+the buffers given no spare slots, so that every step copies every layer's keys and values
+into a new buffer with the new token's, as transformers' own dynamic cache layers do (they
+concatenate).
 
-An upper bound for an in-place cache: no rows join or leave between the timed steps (the
-engine's joins and leaves copy the cache either way), and the cache stays under any sliding
-window (the patched update does not slide). The two variants alternate in one process,
-`--pairs` times, each over a fresh cache of `--rows` x `--slots` seeded random tokens, timed
-as `decode_step_cost.py` times a step; the script checks that both pick the same tokens and
-prints the median step time of each.
+The decode step alone: no rows join or leave between the timed steps (the engine's joins and
+leaves move rows either way). The two variants alternate in one process, `--pairs` times,
+each over a fresh cache of `--rows` x `--slots` seeded random tokens, timed as
+`decode_step_cost.py` times a step; the script checks that both pick the same tokens and
+prints the median step time of each. `benchmarks/continuous_vs_static.py --modes
+continuous,copying` compares the two over a whole task.
 
     python benchmarks/cache_append_probe.py --model-dir PATH --rows 49 --slots 500 [--pairs 4] [--threads 2]
 """
@@ -21,40 +22,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from benchharness.engine.head import split_model
+from benchharness.engine.kv_slots import SlotLayer
 from decode_step_cost import decode_steps  # the script beside this one
 
-STOCK = {DynamicLayer: DynamicLayer.update, DynamicSlidingWindowLayer: DynamicSlidingWindowLayer.update}
-SPARE_SLOTS = 128
-
-
-def update_in_place(layer, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append into a buffer with spare slots; the layer's keys/values are views of its filled part."""
-    if not layer.is_initialized:
-        layer.lazy_initialization(keys, values)
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        layer.cumulative_length += keys.shape[-2]
-    length = layer.keys.shape[-2] if layer.keys.numel() else 0
-    grown = length + keys.shape[-2]
-    buffers = getattr(layer, "_buffers_in_place", None)
-    if buffers is None or grown > buffers[0].shape[-2]:
-        shape = (keys.shape[0], keys.shape[1], grown + SPARE_SLOTS, keys.shape[3])
-        buffers = (keys.new_zeros(shape), values.new_zeros(shape))
-        if length:
-            buffers[0][:, :, :length] = layer.keys
-            buffers[1][:, :, :length] = layer.values
-        layer._buffers_in_place = buffers
-    buffers[0][:, :, length:grown] = keys
-    buffers[1][:, :, length:grown] = values
-    layer.keys, layer.values = buffers[0][:, :, :grown], buffers[1][:, :, :grown]
-    return layer.keys, layer.values
+SPARE_SLOTS = SlotLayer.spare_slots
 
 
 def use(variant: str) -> None:
-    for cls, stock in STOCK.items():
-        cls.update = stock if variant == "stock" else update_in_place
+    SlotLayer.spare_slots = 0 if variant == "copying" else SPARE_SLOTS
 
 
 def main() -> None:
@@ -70,7 +47,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     split = split_model(model, check=False, cpu_kernels=True)
-    seconds: dict[str, list[float]] = {"stock": [], "in place": []}
+    seconds: dict[str, list[float]] = {"copying": [], "in place": []}
     with torch.inference_mode():
         for pair in range(args.pairs):
             tokens = {}
@@ -79,12 +56,12 @@ def main() -> None:
                 step, tokens[variant] = decode_steps(split, model.config, args.rows, args.slots, args.steps)
                 seconds[variant].append(step)
                 print(f"pair {pair + 1}: {variant} {1e3 * step:.0f} ms a step", flush=True)
-            if tokens["stock"] != tokens["in place"]:
+            if tokens["copying"] != tokens["in place"]:
                 raise SystemExit("the two variants picked different tokens")
-    use("stock")
-    stock, in_place = (statistics.median(seconds[v]) for v in ("stock", "in place"))
+    use("in place")
+    copying, in_place = (statistics.median(seconds[v]) for v in ("copying", "in place"))
     print(f"{args.model_dir.name}, {args.rows} rows x {args.slots} slots, {torch.get_num_threads()} threads: "
-          f"stock {1e3 * stock:.0f} ms, in place {1e3 * in_place:.0f} ms a step (medians of {args.pairs}): {stock / in_place:.2f}x")
+          f"copying {1e3 * copying:.0f} ms, in place {1e3 * in_place:.0f} ms a step (medians of {args.pairs}): {copying / in_place:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Continuous batching against static batches: the same engine, the same generate_until
-requests, refill on and off, alternating (A/B/A/...), in one process.
+requests, refill on and off, alternating (A/B/A/...), in one process. With `--modes
+continuous,copying`, the engine's KV slot buffers against the same engine copying its cache
+into a new buffer at every step (what transformers' own cache layers do: they concatenate
+every layer's keys and values with the new token's).
 
 The requests are a harness task's (default `bh_humaneval`: HumanEval's 164 prompts, greedy,
 up to 384 new tokens), built by lm-eval from the harness's rendered tasks (`benchharness
@@ -10,6 +13,7 @@ seconds of generate_until, generated tokens per second, decode steps, mean runni
 step, and whether the outputs equal the first run's.
 
     python benchmarks/continuous_vs_static.py --model-dir PATH [--task bh_humaneval] [--limit N] [--rounds 2]
+        [--modes continuous,static|continuous,copying]
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import transformers
 from task_requests import generate_requests  # benchmarks/, beside this script
 
 from benchharness.engine import BenchEngineLM
+from benchharness.engine.kv_slots import SlotLayer
+
+MODES = ("continuous", "static", "copying")
 
 
 def main() -> None:
@@ -35,7 +42,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A/B pairs")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="the harness cache holding rendered tasks")
+    parser.add_argument("--modes", default="continuous,static",
+                        help=f"two of {', '.join(MODES)} (copying: continuous, the KV cache copied at every step)")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if len(modes) != 2 or not set(modes) <= set(MODES):
+        parser.error(f"--modes takes two of {', '.join(MODES)}, got {args.modes!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -44,9 +56,10 @@ def main() -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     engines = {
-        "continuous": BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows),
-        "static": BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows, continuous_batching=False),
+        mode: BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows, continuous_batching=mode != "static")
+        for mode in modes
     }
+    spare_slots = SlotLayer.spare_slots
     print(f"{args.task}: {len(requests)} requests, {args.rows} rows, {torch.get_num_threads()} torch threads")
     print("| run | mode | seconds | generated tokens | tokens/s | decode steps | mean rows per step | admissions | same outputs as run 1 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -57,6 +70,7 @@ def main() -> None:
         for name, engine in engines.items():
             run += 1
             engine.reset_stats()
+            SlotLayer.spare_slots = 0 if name == "copying" else spare_slots
             start = time.perf_counter()
             outputs = engine.generate_until(requests, disable_tqdm=True)
             seconds = time.perf_counter() - start
@@ -69,9 +83,11 @@ def main() -> None:
                 f"{outputs == first} |",
                 flush=True,
             )
+    SlotLayer.spare_slots = spare_slots
     best = {name: min(values) for name, values in totals.items()}
-    print(f"fastest: continuous {best['continuous']:.1f} s, static {best['static']:.1f} s: "
-          f"static / continuous = {best['static'] / best['continuous']:.2f}x")
+    new, reference = modes
+    print(f"fastest: {new} {best[new]:.1f} s, {reference} {best[reference]:.1f} s: "
+          f"{reference} / {new} = {best[reference] / best[new]:.2f}x")
 
 
 if __name__ == "__main__":

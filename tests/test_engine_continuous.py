@@ -11,7 +11,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from benchharness.engine import BenchEngineLM, kv_slots
 
@@ -131,9 +131,15 @@ def test_unknown_cache_layers_are_refused_and_decode_in_static_batches(monkeypat
     assert "_OtherLayer" in engine.batch_info["generation"]["reason"]
 
 
+def _slot_cache(*layers: DynamicLayer) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = list(layers)
+    return cache
+
+
 def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
     keys = torch.arange(2 * 1 * 3 * 1, dtype=torch.float32).reshape(2, 1, 3, 1)
-    a, b = DynamicCache(), DynamicCache()
+    a, b = _slot_cache(kv_slots.SlotLayer()), _slot_cache(kv_slots.SlotLayer())
     a.update(keys, keys, 0)
     b.update(torch.ones(1, 1, 5, 1), torch.ones(1, 1, 5, 1), 0)
     assert kv_slots.join(a, 3, b, 5) == 5
@@ -141,6 +147,81 @@ def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
     assert joined.tolist() == [[0, 0, 0, 1, 2], [0, 0, 3, 4, 5], [1, 1, 1, 1, 1]]
     assert kv_slots.trim(a, 5, 2) == 3
     assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5], [1, 1, 1]]
+
+
+def _stock_join(layer: DynamicLayer, incoming: DynamicLayer, joined: int) -> None:
+    """What `kv_slots.join` did with transformers' own layers: left-pad both sides, concatenate."""
+    width = min(joined, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else joined
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
+    layer.keys = torch.cat([pad(layer.keys), pad(incoming.keys)])
+    layer.values = torch.cat([pad(layer.values), pad(incoming.values)])
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = joined
+
+
+def _stock_trim(layer: DynamicLayer, kept: int) -> None:
+    width = min(kept, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else kept
+    layer.keys = layer.keys[:, :, layer.keys.shape[-2] - width :]
+    layer.values = layer.values[:, :, layer.values.shape[-2] - width :]
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = kept
+
+
+def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_trims_and_joins():
+    """A random run of the engine's cache operations on a full and a sliding layer (window 6):
+    the buffered layers return and hold exactly what transformers' concatenating layers do,
+    and a decode step writes into the buffer it already has (no copy of the cache)."""
+    generator = torch.Generator().manual_seed(3)
+
+    def states(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(rows, 2, length, 3, generator=generator) for _ in range(2))  # type: ignore[return-value]
+
+    def fresh(prefill: int, rows: int) -> tuple[DynamicCache, list[DynamicLayer], int]:
+        cache = _slot_cache(kv_slots.SlotLayer(), kv_slots.SlidingSlotLayer(sliding_window=6))
+        stock = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=6)]
+        for chunk in (prefill // 2, prefill - prefill // 2):  # a prefill in two chunks
+            for index in range(2):
+                keys, values = states(rows, chunk)
+                got = cache.layers[index].update(keys, values)
+                want = stock[index].update(keys, values)
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        return cache, stock, prefill
+
+    cache, stock, slots = fresh(prefill=5, rows=3)
+    steps_without_copy = 0
+    for step in range(60):
+        buffers = [layer._buffers[0].data_ptr() for layer in cache.layers]
+        for index in range(2):
+            keys, values = states(len(cache.layers[0].keys), 1)
+            got = cache.layers[index].update(keys, values)
+            want = stock[index].update(keys, values)
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), (step, index)
+        slots += 1
+        steps_without_copy += buffers == [layer._buffers[0].data_ptr() for layer in cache.layers]
+        rows = len(cache.layers[0].keys)
+        if step % 7 == 3 and rows > 1:  # a row leaves, then the slots every row masks are dropped
+            keep = torch.tensor([b for b in range(rows) if b != (step % rows)])
+            cache.batch_select_indices(keep)
+            for layer in stock:
+                layer.batch_select_indices(keep)
+            drop = step % 3
+            slots = kv_slots.trim(cache, slots, drop)
+            for layer in stock:
+                _stock_trim(layer, slots) if drop else None
+        if step % 11 == 5:  # newcomers join, shorter or longer than the running rows
+            other, other_stock, other_slots = fresh(prefill=[2, 9, 40][step % 3], rows=2)
+            joined = kv_slots.join(cache, slots, other, other_slots)
+            for layer, incoming in zip(stock, other_stock, strict=True):
+                _stock_join(layer, incoming, joined)
+            slots = joined
+        for mine, theirs in zip(cache.layers, stock, strict=True):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values), step
+            assert mine.get_seq_length() == theirs.get_seq_length(), step
+            assert mine.get_mask_sizes(1) == theirs.get_mask_sizes(1), step
+    assert steps_without_copy >= 45  # steps that wrote into the buffers they had
 
 
 def test_continuous_batching_can_be_turned_off_as_a_reference():
