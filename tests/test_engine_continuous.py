@@ -96,7 +96,8 @@ def test_the_kv_budget_bounds_the_slots_and_is_recorded():
     config = model.config
     assert per_token == config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
     longest = max(len(tokenizer(r.args[0])["input_ids"]) for r in requests)
-    budget = 2 * per_token * (longest + MAX_NEW) + per_token  # room for two rows at their longest
+    # room for two rows at their longest, with the slot buffers' spare slots
+    budget = 2 * per_token * (longest + MAX_NEW + kv_slots.SlotLayer.spare_slots) + per_token
     tight = BenchEngineLM(model=model, tokenizer=tokenizer, kv_cache_bytes=budget)
     assert tight.generate_until(requests) == reference
     assert tight.generation_plan.slots == 2

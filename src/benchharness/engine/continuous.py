@@ -332,11 +332,13 @@ def generate(
 
 def plan_slots(split: SplitModel, max_rows: int, longest: int, max_new: int, budget_bytes: int | None) -> SlotPlan:
     """Rows that decode at once: `max_rows`, lowered so that every row's keys and values at its
-    longest (`longest` prompt tokens + `max_new`) fit in `budget_bytes`."""
+    longest (`longest` prompt tokens + `max_new`, and the slot buffers' spare slots) fit in
+    `budget_bytes`."""
     per_token = kv_slots.bytes_per_token(split.text_config, split.dtype)
     slots = max_rows
     if budget_bytes is not None:
-        slots = max(1, min(slots, budget_bytes // max(1, per_token * (longest + max_new))))
+        per_row = per_token * (longest + max_new + kv_slots.SlotLayer.spare_slots)
+        slots = max(1, min(slots, budget_bytes // max(1, per_row)))
     refill, reason = True, ""
     try:
         kv_slots.check_layers(kv_slots.new_cache(split.config))
