@@ -1,6 +1,7 @@
 """What one decode step costs at a given number of running rows, and what bounds it.
 
-For each row count B, a cache of S slots is filled (B rows of S random tokens), then the
+For each row count B, a cache of S slots is filled (B rows of up to S random tokens, left-padded
+to S as in a run), then the
 engine's decode step is timed as the continuous loop runs it (output layer and token choice
 on each row's last hidden state, then the body on one new token per row): the median of
 `--steps` steps. Beside it: the model's linear products alone at the same B (every linear
@@ -11,7 +12,7 @@ every weight once (bandwidth) nor than its FLOPs at the peak; the table shows wh
 the rows sit near.
 
 With `--profile-rows N`, torch's profiler then shows where a step at N rows spends its time
-(the ops by their own CPU time per step: the linear kernel, the cache's concatenation, attention).
+(the ops by their own CPU time per step: the linear kernel, attention, the rest).
 
     python benchmarks/decode_step_cost.py --model-dir PATH [--rows 1,4,16,64] [--slots 400] [--threads 2] [--profile-rows 25]
 """
@@ -40,12 +41,16 @@ def step_seconds(split, config, rows: int, slots: int, steps: int, profiler=None
 
 def decode_steps(split, config, rows: int, slots: int, steps: int, profiler=None) -> tuple[float, list[int]]:
     """`step_seconds`, and the tokens the last step picked (the cache holds seeded random tokens,
-    the same on every call)."""
+    the same on every call). The rows differ in length, as in a run: row b's first 7b mod 16
+    slots are padding, so the attention takes a mask (with rows all of one length transformers
+    drops the mask, and grouped-query attention takes a slower path than a run's)."""
     generator = torch.Generator().manual_seed(0)
     cache = kv_slots.new_cache(config)
     ids = torch.randint(0, 1000, (rows, slots), generator=generator)
     mask = torch.ones(rows, slots, dtype=torch.long)
-    positions = torch.arange(slots).expand(rows, slots)
+    for row in range(rows):
+        mask[row, : (7 * row) % 16] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = split.forward_body(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
     ).last_hidden_state[:, -1]

@@ -150,6 +150,13 @@ def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
     assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5], [1, 1, 1]]
 
 
+def test_fill_order_keeps_rows_in_place_and_fills_gaps_from_the_end():
+    assert kv_slots.fill_order(6, [1, 4]) == [0, 5, 2, 3]
+    assert kv_slots.fill_order(5, [0, 1]) == [4, 3, 2]
+    assert kv_slots.fill_order(4, [3]) == [0, 1, 2]
+    assert kv_slots.fill_order(3, [0, 1, 2]) == []
+
+
 def _stock_join(layer: DynamicLayer, incoming: DynamicLayer, joined: int) -> None:
     """What `kv_slots.join` did with transformers' own layers: left-pad both sides, concatenate."""
     width = min(joined, layer.sliding_window - 1) if isinstance(layer, DynamicSlidingWindowLayer) else joined
@@ -203,8 +210,12 @@ def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_tr
         slots += 1
         steps_without_copy += buffers == [layer._buffers[0].data_ptr() for layer in cache.layers]
         rows = len(cache.layers[0].keys)
-        if step % 7 == 3 and rows > 1:  # a row leaves, then the slots every row masks are dropped
-            keep = torch.tensor([b for b in range(rows) if b != (step % rows)])
+        if step % 7 == 3 and rows > 1:  # rows leave, then the slots every row masks are dropped
+            leaving = sorted({step % rows, (3 * step) % rows})[: rows - 1]
+            if step % 2:  # the engine's order: rows from the end fill the gaps, only they move
+                keep = torch.tensor(kv_slots.fill_order(rows, leaving))
+            else:  # any other order: the kept rows are gathered
+                keep = torch.tensor([b for b in range(rows) if b not in leaving][::-1])
             cache.batch_select_indices(keep)
             for layer in stock:
                 layer.batch_select_indices(keep)

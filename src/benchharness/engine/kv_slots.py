@@ -5,9 +5,9 @@ in `transformers.generate`.
 Each row's tokens sit contiguously at the right end of the cache (left padding only,
 or padding between a shared prefix and the row's rest), so a sliding window measured
 in cache slots is measured in tokens, as transformers measures it. Rows join by
-writing both sides, left-padded to one width, into a new buffer; rows leave by moving
-the kept rows up in place; slots that every remaining row masks are dropped from the
-left by narrowing the view.
+writing both sides, left-padded to one width, into a new buffer; when rows leave, rows
+from the end of the batch take their places (`fill_order`), so only those are copied;
+slots that every remaining row masks are dropped from the left by narrowing the view.
 
 The layers keep their keys and values in buffers with spare slots on the right, and a
 step writes its one new token into them: transformers' own dynamic layers concatenate
@@ -122,13 +122,20 @@ class SlotLayer(DynamicLayer):
             self.values = self.values[:, :, self.values.shape[-2] - width :]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows `indices` (ascending): they move up in place, within the same buffers."""
+        """Keep the rows `indices`, in that order, within the same buffers. Rows already in place
+        stay; when every row that moves comes from beyond the kept count (as `fill_order`
+        arranges), only those rows are copied; otherwise the kept rows are gathered and written back."""
         if not self._owns_keys() or self.get_seq_length() == 0:
             super().batch_select_indices(indices)
             return
         assert self._buffers is not None
-        kept = int(indices.numel())
-        if torch.equal(indices.cpu(), torch.arange(kept)):  # the first rows stay where they are
+        sources = indices.tolist()
+        kept = len(sources)
+        moves = [(row, source) for row, source in enumerate(sources) if row != source]
+        if all(source >= kept for _, source in moves):
+            for row, source in moves:  # the source rows are dropped below, so nothing is overwritten early
+                self.keys[row].copy_(self.keys[source])
+                self.values[row].copy_(self.values[source])
             self._buffers = (self._buffers[0][:kept], self._buffers[1][:kept])
             self._set_view()
             return
@@ -193,6 +200,15 @@ def check_layers(cache: DynamicCache) -> None:
     for layer in cache.layers:
         if type(layer) not in _HANDLED:
             raise UnsupportedCacheError(f"cache layer {type(layer).__name__} cannot take rows of another batch")
+
+
+def fill_order(rows: int, leaving: Sequence[int]) -> list[int]:
+    """The rows to keep when `leaving` rows leave, in an order that moves fewest rows: a kept row
+    stays where it is, and each gap below the kept count takes a row from beyond it."""
+    gone = set(leaving)
+    kept = rows - len(gone)
+    spare = [row for row in range(kept, rows) if row not in gone]
+    return [row if row not in gone else spare.pop() for row in range(kept)]
 
 
 def cache_from_prefix(config: object, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
