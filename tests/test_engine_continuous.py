@@ -185,7 +185,8 @@ def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_tr
     generator = torch.Generator().manual_seed(3)
 
     def states(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.randn(rows, 2, length, 3, generator=generator) for _ in range(2))  # type: ignore[return-value]
+        # values of another head size than keys, as in DeepSeek's latent attention
+        return torch.randn(rows, 2, length, 3, generator=generator), torch.randn(rows, 2, length, 2, generator=generator)
 
     def fresh(prefill: int, rows: int) -> tuple[DynamicCache, list[DynamicLayer], int]:
         cache = _slot_cache(kv_slots.SlotLayer(), kv_slots.SlidingSlotLayer(sliding_window=6))

@@ -65,9 +65,10 @@ class SlotLayer(DynamicLayer):
 
     def _hold(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
         """A new buffer holding `keys` / `values` at its left, with `room` + `spare_slots` free slots."""
-        rows, heads, length, dim = keys.shape
-        shape = (rows, heads, length + room + self.spare_slots, dim)
-        buffers = (keys.new_empty(shape), values.new_empty(shape))
+        length = int(keys.shape[-2])
+        capacity = length + room + self.spare_slots
+        # Values may have another head size than keys (DeepSeek's multi-head latent attention).
+        buffers = tuple(t.new_empty((t.shape[0], t.shape[1], capacity, t.shape[3])) for t in (keys, values))
         buffers[0][:, :, :length] = keys
         buffers[1][:, :, :length] = values
         self._buffers, self._start, self._end = buffers, 0, length
@@ -99,10 +100,10 @@ class SlotLayer(DynamicLayer):
         for keys, _ in parts:
             if int(keys.shape[-2]) > width:
                 raise ValueError(f"a cache layer holds {keys.shape[-2]} slots, more than the {width} it should")
-        first = parts[0][0]
         rows = sum(int(keys.shape[0]) for keys, _ in parts)
-        shape = (rows, first.shape[1], width + self.spare_slots, first.shape[3])
-        buffers = (first.new_zeros(shape), parts[0][1].new_zeros(shape))
+        buffers = tuple(
+            t.new_zeros((rows, t.shape[1], width + self.spare_slots, t.shape[3])) for t in parts[0]
+        )
         row = 0
         for keys, values in parts:
             n, length = int(keys.shape[0]), int(keys.shape[-2])
