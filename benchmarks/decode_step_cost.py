@@ -33,15 +33,10 @@ from benchharness.engine.onednn import onednn_available, onednn_linear
 from benchharness.measure.limits import measure_machine_limits
 
 
-def step_seconds(split, config, rows: int, slots: int, steps: int, profiler=None) -> float:
-    """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots.
-    With `profiler` (a torch profiler, not started), the timed steps run inside it."""
-    return decode_steps(split, config, rows, slots, steps, profiler)[0]
-
-
 def decode_steps(split, config, rows: int, slots: int, steps: int, profiler=None) -> tuple[float, list[int]]:
-    """`step_seconds`, and the tokens the last step picked (the cache holds seeded random tokens,
-    the same on every call). The rows differ in length, as in a run: row b's first 7b mod 16
+    """Median seconds of the engine's decode step at `rows` rows over a cache of `slots` slots,
+    and the tokens the last step picked (the cache holds seeded random tokens, the same on every
+    call). With `profiler` (a torch profiler, not started), the timed steps run inside it. The rows differ in length, as in a run: row b's first 7b mod 16
     slots are padding, so the attention takes a mask (with rows all of one length transformers
     drops the mask, and grouped-query attention takes a slower path than a run's)."""
     generator = torch.Generator().manual_seed(0)
@@ -76,7 +71,7 @@ def print_profile(split, config, rows: int, slots: int, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     profiler = profile(activities=[ProfilerActivity.CPU])
-    step = step_seconds(split, config, rows, slots, steps, profiler)
+    step = decode_steps(split, config, rows, slots, steps, profiler)[0]
     events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
     total = sum(event.self_cpu_time_total for event in events) / steps / 1e3
     print(f"\nprofile at {rows} rows, {slots} slots: {1e3 * step:.0f} ms a step unprofiled, {total:.0f} ms of op time profiled")
@@ -127,7 +122,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
-            step = step_seconds(split, model.config, rows, args.slots, args.steps)
+            step = decode_steps(split, model.config, rows, args.slots, args.steps)[0]
             alone = linears_seconds(linears, rows)
             flops = sum(2 * rows * layer.weight.numel() for layer in linears)
             print(f"| {rows} | {1e3 * step:.0f} | {1e3 * alone:.0f} | {flops / alone / 1e9:.0f} | {weight_bytes / alone / 1e9:.1f} | "

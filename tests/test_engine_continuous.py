@@ -151,10 +151,10 @@ def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
 
 
 def test_fill_order_keeps_rows_in_place_and_fills_gaps_from_the_end():
-    assert kv_slots.fill_order(6, [1, 4]) == [0, 5, 2, 3]
-    assert kv_slots.fill_order(5, [0, 1]) == [4, 3, 2]
-    assert kv_slots.fill_order(4, [3]) == [0, 1, 2]
-    assert kv_slots.fill_order(3, [0, 1, 2]) == []
+    assert kv_slots.fill_order(6, [0, 2, 3, 5]) == [0, 5, 2, 3]  # rows 1 and 4 leave
+    assert kv_slots.fill_order(5, [2, 3, 4]) == [4, 3, 2]  # rows 0 and 1 leave
+    assert kv_slots.fill_order(4, [0, 1, 2]) == [0, 1, 2]  # the last row leaves
+    assert kv_slots.fill_order(3, []) == []  # every row leaves
 
 
 def _stock_join(layer: DynamicLayer, incoming: DynamicLayer, joined: int) -> None:
@@ -214,7 +214,7 @@ def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_tr
         if step % 7 == 3 and rows > 1:  # rows leave, then the slots every row masks are dropped
             leaving = sorted({step % rows, (3 * step) % rows})[: rows - 1]
             if step % 2:  # the engine's order: rows from the end fill the gaps, only they move
-                keep = torch.tensor(kv_slots.fill_order(rows, leaving))
+                keep = torch.tensor(kv_slots.fill_order(rows, [b for b in range(rows) if b not in leaving]))
             else:  # any other order: the kept rows are gathered
                 keep = torch.tensor([b for b in range(rows) if b not in leaving][::-1])
             cache.batch_select_indices(keep)
@@ -222,8 +222,9 @@ def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_tr
                 layer.batch_select_indices(keep)
             drop = step % 3
             slots = kv_slots.trim(cache, slots, drop)
-            for layer in stock:
-                _stock_trim(layer, slots) if drop else None
+            if drop:
+                for layer in stock:
+                    _stock_trim(layer, slots)
         if step % 11 == 5:  # newcomers join, shorter or longer than the running rows
             other, other_stock, other_slots = fresh(prefill=[2, 9, 40][step % 3], rows=2)
             joined = kv_slots.join(cache, slots, other, other_slots)

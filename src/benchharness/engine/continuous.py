@@ -305,8 +305,7 @@ def generate(
         if len(keep) < len(rows):
             # Rows from the end fill the gaps, so the cache copies only the rows that move (a
             # row's place in the batch does not change its output, as rows leaving never did).
-            kept = set(keep)
-            keep = kv_slots.fill_order(len(rows), [b for b in range(len(rows)) if b not in kept])
+            keep = kv_slots.fill_order(len(rows), keep)
             index = torch.tensor(keep, dtype=torch.long, device=device)
             running.cache.batch_select_indices(index)
             running.rows = [rows[b] for b in keep]

@@ -30,7 +30,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
-
 class UnsupportedCacheError(ValueError):
     """The model's cache has a layer kind whose rows cannot be joined or trimmed here."""
 
@@ -63,25 +62,14 @@ class SlotLayer(DynamicLayer):
         self.keys = self._key_view
         self.values = self._buffers[1][:, :, self._start : self._end]
 
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        """A new buffer holding `keys` / `values` at its left, with `room` + `spare_slots` free slots."""
-        length = int(keys.shape[-2])
-        capacity = length + room + self.spare_slots
-        # Values may have another head size than keys (DeepSeek's multi-head latent attention).
-        buffers = tuple(t.new_empty((t.shape[0], t.shape[1], capacity, t.shape[3])) for t in (keys, values))
-        buffers[0][:, :, :length] = keys
-        buffers[1][:, :, :length] = values
-        self._buffers, self._start, self._end = buffers, 0, length
-        self._set_view()
-
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         new = int(keys.shape[-2])
         if not self._owns_keys():
             stored = self.keys if self.keys is not None and self.keys.dim() == 4 else keys[:, :, :0]
             stored_values = self.values if self.values is not None and self.values.dim() == 4 else values[:, :, :0]
-            self._hold(stored, stored_values, new)
+            self.hold_rows([(stored, stored_values)], int(stored.shape[-2]), room=new)
         elif self._end + new > self._buffers[0].shape[-2]:  # type: ignore[index]
-            self._hold(self.keys, self.values, new)
+            self.hold_rows([(self.keys, self.values)], self._end - self._start, room=new)
         assert self._buffers is not None
         self._buffers[0][:, :, self._end : self._end + new] = keys
         self._buffers[1][:, :, self._end : self._end + new] = values
@@ -94,21 +82,23 @@ class SlotLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         return self._append(key_states, value_states)
 
-    def hold_rows(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+    def hold_rows(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int = 0) -> None:
         """Hold the rows of every (keys, values) in `parts`, one after the other, each right-aligned
-        in `width` slots; the slots to their left are zeros (masked, but the attention reads them)."""
+        in `width` slots, in new buffers with `room` + `spare_slots` free slots after them. The
+        slots left of a shorter part are zeros (masked, but the attention reads them)."""
         for keys, _ in parts:
             if int(keys.shape[-2]) > width:
                 raise ValueError(f"a cache layer holds {keys.shape[-2]} slots, more than the {width} it should")
         rows = sum(int(keys.shape[0]) for keys, _ in parts)
-        buffers = tuple(
-            t.new_zeros((rows, t.shape[1], width + self.spare_slots, t.shape[3])) for t in parts[0]
-        )
+        capacity = width + room + self.spare_slots
+        # Values may have another head size than keys (DeepSeek's multi-head latent attention).
+        buffers = tuple(t.new_empty((rows, t.shape[1], capacity, t.shape[3])) for t in parts[0])
         row = 0
-        for keys, values in parts:
-            n, length = int(keys.shape[0]), int(keys.shape[-2])
-            buffers[0][row : row + n, :, width - length : width] = keys
-            buffers[1][row : row + n, :, width - length : width] = values
+        for part in parts:
+            n, length = int(part[0].shape[0]), int(part[0].shape[-2])
+            for buffer, states in zip(buffers, part, strict=True):
+                buffer[row : row + n, :, : width - length] = 0
+                buffer[row : row + n, :, width - length : width] = states
             row += n
         self._buffers, self._start, self._end = buffers, 0, width
         self._set_view()
@@ -155,13 +145,6 @@ class SlidingSlotLayer(SlotLayer, DynamicSlidingWindowLayer):
     """A sliding-window layer in buffers: it keeps the last `sliding_window - 1` slots, as
     transformers' `DynamicSlidingWindowLayer` does, and rolls by narrowing its view."""
 
-    def __init__(self, sliding_window: int, **kwargs: object) -> None:
-        DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window, **kwargs)
-        self._buffers = None
-        self._key_view = None
-        self._start = 0
-        self._end = 0
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if self.record_past:
             raise UnsupportedCacheError("a sliding-window layer recording its past cannot be kept in slot buffers")
@@ -203,13 +186,13 @@ def check_layers(cache: DynamicCache) -> None:
             raise UnsupportedCacheError(f"cache layer {type(layer).__name__} cannot take rows of another batch")
 
 
-def fill_order(rows: int, leaving: Sequence[int]) -> list[int]:
-    """The rows to keep when `leaving` rows leave, in an order that moves fewest rows: a kept row
-    stays where it is, and each gap below the kept count takes a row from beyond it."""
-    gone = set(leaving)
-    kept = rows - len(gone)
-    spare = [row for row in range(kept, rows) if row not in gone]
-    return [row if row not in gone else spare.pop() for row in range(kept)]
+def fill_order(rows: int, kept: Sequence[int]) -> list[int]:
+    """The order to keep the rows `kept` of `rows` in, moving fewest rows: a kept row below the
+    kept count stays where it is, and each gap there takes a kept row from beyond it."""
+    count = len(kept)
+    beyond = [row for row in kept if row >= count]
+    staying = set(kept)
+    return [row if row in staying else beyond.pop() for row in range(count)]
 
 
 def cache_from_prefix(config: object, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
