@@ -2,7 +2,8 @@
 requests, refill on and off, alternating (A/B/A/...), in one process. With `--modes
 continuous,copying`, the engine's KV slot buffers against the same engine copying its cache
 into a new buffer at every step (what transformers' own cache layers do: they concatenate
-every layer's keys and values with the new token's).
+every layer's keys and values with the new token's). With `--modes continuous,no-lookup`, the
+engine as it is against the same engine without prompt-lookup drafts (`prompt_lookup_tokens=0`).
 
 The requests are a harness task's (default `bh_humaneval`: HumanEval's 164 prompts, greedy,
 up to 384 new tokens), built by lm-eval from the harness's rendered tasks (`benchharness
@@ -13,7 +14,7 @@ seconds of generate_until, generated tokens per second, decode steps, mean runni
 step, and whether the outputs equal the first run's.
 
     python benchmarks/continuous_vs_static.py --model-dir PATH [--task bh_humaneval] [--limit N] [--rounds 2]
-        [--modes continuous,static|continuous,copying]
+        [--modes continuous,static|continuous,copying|continuous,no-lookup]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from task_requests import generate_requests  # benchmarks/, beside this script
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.kv_slots import SlotLayer
 
-MODES = ("continuous", "static", "copying")
+MODES = ("continuous", "static", "copying", "no-lookup")
 
 
 def main() -> None:
@@ -43,7 +44,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="the harness cache holding rendered tasks")
     parser.add_argument("--modes", default="continuous,static",
-                        help=f"two of {', '.join(MODES)} (copying: continuous, the KV cache copied at every step)")
+                        help=f"two of {', '.join(MODES)} (copying: continuous, the KV cache copied at every step; "
+                        "no-lookup: continuous without prompt-lookup drafts)")
+    parser.add_argument("--lookup-tokens", type=int, default=None, help="the engine's prompt_lookup_tokens (default: its own)")
+    parser.add_argument("--lookup-step-tokens", type=int, default=None, help="the engine's lookup_step_tokens (default: its own)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if len(modes) != 2 or not set(modes) <= set(MODES):
@@ -55,14 +59,20 @@ def main() -> None:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    lookup = {name: value for name, value in (("prompt_lookup_tokens", args.lookup_tokens),
+                                               ("lookup_step_tokens", args.lookup_step_tokens)) if value is not None}
     engines = {
-        mode: BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=args.rows, continuous_batching=mode != "static")
+        mode: BenchEngineLM(
+            model=model, tokenizer=tokenizer, batch_size=args.rows, continuous_batching=mode != "static",
+            **({"prompt_lookup_tokens": 0} if mode == "no-lookup" else lookup),
+        )
         for mode in modes
     }
     spare_slots = SlotLayer.spare_slots
     print(f"{args.task}: {len(requests)} requests, {args.rows} rows, {torch.get_num_threads()} torch threads")
-    print("| run | mode | seconds | generated tokens | tokens/s | decode steps | mean rows per step | admissions | same outputs as run 1 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | mode | seconds | decode s | generated tokens | tokens/s | decode steps | mean rows per step | admissions | "
+          "steps with drafts | draft tokens kept / run | same outputs as run 1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     first: list[str] | None = None
     totals: dict[str, list[float]] = {name: [] for name in engines}
     run = 0
@@ -78,9 +88,9 @@ def main() -> None:
             stats = engine.stats
             totals[name].append(seconds)
             print(
-                f"| {run} | {name} | {seconds:.1f} | {stats.generated_tokens} | {stats.generated_tokens / seconds:.1f} | "
+                f"| {run} | {name} | {seconds:.1f} | {stats.decode_seconds:.1f} | {stats.generated_tokens} | {stats.generated_tokens / seconds:.1f} | "
                 f"{stats.decode_steps} | {stats.decode_rows / max(1, stats.decode_steps):.1f} | {stats.generate_batches} | "
-                f"{outputs == first} |",
+                f"{stats.draft_steps} | {stats.accepted_drafts} / {stats.draft_tokens} | {outputs == first} |",
                 flush=True,
             )
     SlotLayer.spare_slots = spare_slots

@@ -240,12 +240,16 @@ def test_half_precision_greedy_generation_follows_the_stated_rule(arch: str, dty
     for init in (0.2, 0.06):
         model = make_model(arch, len(tokenizer), dtype=dtype, initializer_range=init)
         theirs = hflm_generated_ids(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), requests, {tokenizer.eos_token_id})
-        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
+        # Without prompt-lookup drafts, and with them: a draft is checked in a wider forward, whose
+        # half-precision rounding differs again, so drafted outputs are held to the tie rule only.
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4, prompt_lookup_tokens=0)
         ours = engine.generate_token_ids(requests)
-        assert all(len(o) > 0 for o in ours)
-        for request, a, b in zip(requests, ours, theirs, strict=True):
-            prompt = engine._encode_prompt(request.args[0], engine.max_length)
-            assert generations_agree(model, prompt, a, b, name), (init, choice_gap(model, prompt, a, b))
+        drafted = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4, lookup_step_tokens=1000)
+        for outputs in (ours, drafted.generate_token_ids(requests)):
+            assert all(len(o) > 0 for o in outputs)
+            for request, a, b in zip(requests, outputs, theirs, strict=True):
+                prompt = engine._encode_prompt(request.args[0], engine.max_length)
+                assert generations_agree(model, prompt, a, b, name), (init, choice_gap(model, prompt, a, b))
         if init == 0.2:
             assert ours == theirs
     # Not vacuous: the least likely first token instead of hf's is no near-tie.

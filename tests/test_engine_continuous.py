@@ -262,3 +262,108 @@ def test_an_admission_takes_neighbours_of_the_same_prefix_within_the_token_budge
     prefix = PrefixState(length=20, layers=[])
     shared = [Prompt(i, tuple(range(24)), prefix) for i in range(3)] + [Prompt(3, tuple(range(24)))]
     assert [p.index for p in _admission(shared, free=8, chunk_tokens=12)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- prompt-lookup drafts
+
+def _brute_force_draft(tokens: list[int], length: int) -> list[int]:
+    """The tokens after the latest earlier occurrence of the longest suffix (3 down to 1) that occurred before."""
+    for n in (3, 2, 1):
+        suffix = tokens[len(tokens) - n :] if len(tokens) >= n else None
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if suffix is not None and tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + length]
+    return []
+
+
+def test_the_ngram_index_drafts_what_follows_the_latest_earlier_occurrence():
+    from benchharness.engine.prompt_lookup import NgramIndex
+
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        tokens = torch.randint(0, 3 + trial % 6, (40,), generator=generator).tolist()
+        index = NgramIndex(tokens[:5])
+        for end in range(5, 41):
+            for length in (1, 4):
+                assert index.draft(length) == _brute_force_draft(tokens[:end], length), (trial, end)
+            if end < 40:
+                index.extend(tokens[end : end + 1])
+    assert NgramIndex([1, 2, 3]).draft(4) == []  # nothing occurred twice
+    assert NgramIndex([7, 8, 9, 7, 8]).draft(4) == [9, 7, 8]  # 7 8 came before, then 9 7 8
+
+
+def _oracle_index(references: dict[tuple[int, ...], list[int]], vocab: int, used: list[int]):
+    """An NgramIndex whose drafts are the row's own reference output (what a row decoding alone
+    generates), every fifth or so token changed: drafts the model mostly agrees with, rejected
+    at varied places, running past EOS, stop strings and the token limit."""
+    from benchharness.engine.prompt_lookup import NgramIndex
+
+    class Oracle(NgramIndex):
+        def __init__(self, tokens):
+            super().__init__(tokens)
+            self.prompt_length = len(self.tokens)
+            self.reference = references[tuple(self.tokens)]
+
+        def draft(self, length):
+            done = len(self.tokens) - self.prompt_length
+            draft = (self.reference[done : done + length] + [5] * length)[:length]
+            used.append(len(draft))
+            return [(t + 1) % vocab if (done * 7 + j * 3) % 5 == 0 else t for j, t in enumerate(draft)]
+
+    return Oracle
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_lookup_drafts_keep_hflms_greedy_outputs(arch, monkeypatch):
+    from benchharness.engine import continuous
+
+    model, tokenizer = _ending_model(arch)
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW})
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(requests)
+    plain = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3, prompt_lookup_tokens=0)
+    assert plain.generate_until(requests) == reference
+    assert plain.stats.draft_steps == 0 and plain.batch_info["prompt_lookup"]["reason"] == "prompt_lookup_tokens=0"
+    # The real index: drafts wherever the text repeats (a tiny random model seldom repeats itself).
+    looked_up = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3, lookup_step_tokens=1000)
+    assert looked_up.generate_until(requests) == reference
+    assert looked_up.stats.draft_tokens > 0
+    # Drafts the model mostly agrees with: most tokens come from drafts, at every slot count.
+    own = plain.generate_token_ids(requests)
+    references = {tuple(tokenizer(r.args[0])["input_ids"]): ids for r, ids in zip(requests, own)}
+    used: list[int] = []
+    monkeypatch.setattr(continuous, "NgramIndex", _oracle_index(references, len(tokenizer), used))
+    for slots, draft_tokens in [(1, 4), (3, 2), (64, 4)]:
+        used.clear()
+        engine = BenchEngineLM(
+            model=model, tokenizer=tokenizer, batch_size=slots, prompt_lookup_tokens=draft_tokens, lookup_step_tokens=1000
+        )
+        assert engine.generate_until(requests) == reference, slots
+        stats = engine.stats
+        assert stats.accepted_drafts > 0.3 * stats.generated_tokens, (slots, stats)
+        assert stats.draft_tokens > stats.accepted_drafts  # some were rejected, leaving masked slots
+        assert max(used) == draft_tokens
+        assert engine.generate_token_ids(requests) == own, slots  # EOS where the row decoding alone puts it
+    # The step's token cap: rows x (1 + draft) <= 12, so 3 rows draft 3 tokens each, 2 rows the
+    # 4 asked for, 6 rows 1, and from 7 rows on none; drafts start as rows finish.
+    capped = BenchEngineLM(model=model, tokenizer=tokenizer, lookup_step_tokens=12)
+    assert capped.generate_until(requests) == reference
+    assert [capped.lookup_plan.draft_length(rows) for rows in (1, 2, 3, 6, 7, 13)] == [4, 4, 3, 1, 0, 0]
+    assert 0 < capped.stats.draft_steps < capped.stats.decode_steps
+
+
+def test_prompt_lookup_is_off_where_drafts_could_change_outputs():
+    model, tokenizer = _ending_model("gemma3")
+    greedy = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=3)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer)
+    engine.generate_until(greedy)
+    assert engine.stats.draft_steps == 0
+    assert "sliding-window" in engine.batch_info["prompt_lookup"]["reason"]
+    model, tokenizer = _ending_model("llama")
+    sampled = BenchEngineLM(model=model, tokenizer=tokenizer)
+    sampled.generate_until(_requests({"until": [], "do_sample": True, "temperature": 3.0, "max_gen_toks": MAX_NEW}, n=3))
+    assert sampled.stats.draft_steps == 0 and sampled.lookup_plan.reason.startswith("sampling")
+    penalized = BenchEngineLM(model=model, tokenizer=tokenizer)
+    penalized.generate_until(_requests({"until": [], "do_sample": False, "repetition_penalty": 1.3, "max_gen_toks": MAX_NEW}, n=3))
+    assert penalized.stats.draft_steps == 0 and penalized.lookup_plan.reason.startswith("repetition_penalty")
+    with pytest.raises(ValueError, match="prompt_lookup_tokens must be a whole number"):
+        BenchEngineLM(model=model, tokenizer=tokenizer, prompt_lookup_tokens="four")

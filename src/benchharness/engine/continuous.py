@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from benchharness.engine import kv_slots
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
+from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
 from benchharness.engine.reasoning import stops_answer
 from benchharness.engine.scoring import PrefixState
 
@@ -72,6 +73,9 @@ class DecodeCounts:
     decode_rows: int = 0  # running rows summed over decode steps (mean batch = decode_rows / decode_steps)
     kv_slot_reads: int = 0  # rows x cache slots summed over decode steps: the keys and values each step reads
     decode_seconds: float = 0.0  # wall time of the decode steps (output layer, token choice, body), prefills excluded
+    draft_steps: int = 0  # decode steps that ran prompt-lookup drafts (prompt_lookup.py)
+    draft_tokens: int = 0  # draft tokens run
+    accepted_drafts: int = 0  # draft tokens the model chose itself (kept as output)
     max_running: int = 0
     first_token_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to first token
     finish_s: dict[int, float] = field(default_factory=dict)  # per request: seconds from start to its last token
@@ -83,6 +87,7 @@ class _Row:
     outputs: list[int]
     generator: torch.Generator | None
     history: list[int] | None
+    lookup: NgramIndex | None  # prompt + output, for drafts (None: drafts off)
 
 
 @dataclass
@@ -196,6 +201,25 @@ def _join(running: _Running | None, prefill: _Prefill, rows: list[_Row]) -> _Run
     )
 
 
+def _leave(running: _Running, rows: int, keep: list[int]) -> torch.Tensor:
+    """Drop the rows not in `keep` from `running` (of `rows` rows); return the index of the kept
+    rows in their new order, for the caller's own per-row tensors."""
+    # Rows from the end fill the gaps, so the cache copies only the rows that move (a
+    # row's place in the batch does not change its output, as rows leaving never did).
+    order = kv_slots.fill_order(rows, keep)
+    index = torch.tensor(order, dtype=torch.long, device=running.mask.device)
+    running.cache.batch_select_indices(index)
+    running.rows = [running.rows[b] for b in order]
+    running.mask = running.mask.index_select(0, index)
+    running.positions = running.positions.index_select(0, index)
+    running.hidden = running.hidden.index_select(0, index)
+    unused = int((running.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading slots no row uses
+    if unused:
+        kv_slots.trim(running.cache, running.slots, unused)
+        running.mask = running.mask[:, unused:]
+    return index
+
+
 @torch.inference_mode()
 def generate(
     split: SplitModel,
@@ -207,6 +231,7 @@ def generate(
     chunk_tokens: int = 1024,
     admit_at_least: int = 1,
     on_finish: Callable[[int, list[int]], None] | None = None,
+    lookup: LookupPlan | None = None,
 ) -> tuple[dict[int, list[int]], DecodeCounts]:
     """Decode every prompt; return its new tokens (a final EOS included) by `Prompt.index`.
 
@@ -216,6 +241,8 @@ def generate(
     `admit_at_least`: wait until this many slots are free (or no more prompts wait) before
     admitting, so that prefills are not single short rows; it changes timing, never outputs.
     `on_finish(index, tokens)` is called as each request finishes.
+    `lookup`: prompt-lookup drafts (prompt_lookup.py; None or 0 draft tokens: one token per
+    row and step). Greedy outputs are the same either way.
     """
     device = split.device
     started = time.perf_counter()
@@ -225,6 +252,7 @@ def generate(
     running: _Running | None = None
     prefill: _Prefill | None = None
     prefill_rows: list[_Row] = []
+    drafting = lookup is not None and lookup.draft_tokens > 0
 
     def finish(row: _Row) -> None:
         results[row.prompt.index] = row.outputs
@@ -232,22 +260,44 @@ def generate(
         if on_finish is not None:
             on_finish(row.prompt.index, row.outputs)
 
+    def take(row: _Row, token: int) -> bool:
+        """Append `token` to the row's output; True (and the row finished) if it ends there."""
+        row.outputs.append(token)
+        counts.generated_tokens += 1
+        if token in settings.eos_token_ids:
+            # The EOS token stays in the output, as in transformers.generate: decoding with
+            # skip_special_tokens drops it when it is a special token, as lm-eval's hf does.
+            finish(row)
+            return True
+        if row.history is not None:
+            row.history.append(token)
+        if row.lookup is not None:
+            row.lookup.extend((token,))
+        if len(row.outputs) >= (row.prompt.max_new_tokens or settings.max_new_tokens):
+            finish(row)
+            return True
+        if settings.stop_strings and stops_answer(decode(row.outputs), row.prompt.starts_open, settings.reasoning, settings.stop_strings):
+            finish(row)
+            return True
+        return False
+
     while pending or prefill is not None or running is not None:
         busy = (len(running.rows) if running is not None else 0)
         free = plan.slots - busy
         if prefill is None and pending and free > 0 and (plan.refill or running is None):
             if free >= min(admit_at_least, len(pending)) or running is None:
-                take = _admission(pending, free, chunk_tokens)
-                del pending[: len(take)]
-                prefill = _Prefill(split, take, pad_token_id, chunk_tokens)
+                take_prompts = _admission(pending, free, chunk_tokens)
+                del pending[: len(take_prompts)]
+                prefill = _Prefill(split, take_prompts, pad_token_id, chunk_tokens)
                 prefill_rows = [
                     _Row(
                         p,
                         [],
                         sequence_generator(settings, p.tokens, device) if settings.do_sample else None,
                         list(p.tokens) if settings.needs_histories else None,
+                        NgramIndex(p.tokens) if drafting else None,
                     )
-                    for p in take
+                    for p in take_prompts
                 ]
                 counts.admissions += 1
                 counts.prefill_tokens += prefill.tokens
@@ -282,55 +332,127 @@ def generate(
             row = rows[b]
             if not row.outputs:
                 counts.first_token_s[row.prompt.index] = now
-            row.outputs.append(token)
-            counts.generated_tokens += 1
-            if token in settings.eos_token_ids:
-                # The EOS token stays in the output, as in transformers.generate: decoding with
-                # skip_special_tokens drops it when it is a special token, as lm-eval's hf does.
-                finish(row)
-                continue
-            if row.history is not None:
-                row.history.append(token)
-            if len(row.outputs) >= (row.prompt.max_new_tokens or settings.max_new_tokens):
-                finish(row)
-                continue
-            if settings.stop_strings and stops_answer(decode(row.outputs), row.prompt.starts_open, settings.reasoning, settings.stop_strings):
-                finish(row)
-                continue
-            keep.append(b)
+            if not take(row, token):
+                keep.append(b)
         if not keep:
             running = None  # every row finished; its cache is dropped
             counts.decode_seconds += time.perf_counter() - step_started
             continue
         if len(keep) < len(rows):
-            # Rows from the end fill the gaps, so the cache copies only the rows that move (a
-            # row's place in the batch does not change its output, as rows leaving never did).
-            keep = kv_slots.fill_order(len(rows), keep)
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            running.cache.batch_select_indices(index)
-            running.rows = [rows[b] for b in keep]
-            running.mask = running.mask.index_select(0, index)
-            running.positions = running.positions.index_select(0, index)
-            next_tokens = next_tokens.index_select(0, index)
-            unused = int((running.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading slots no row uses
-            if unused:
-                kv_slots.trim(running.cache, running.slots, unused)
-                running.mask = running.mask[:, unused:]
+            next_tokens = next_tokens.index_select(0, _leave(running, len(rows), keep))
 
-        running.mask = torch.cat([running.mask, running.mask.new_ones((len(running.rows), 1))], dim=1)
-        running.positions = running.positions + 1
-        counts.decode_steps += 1
-        counts.decode_rows += len(running.rows)
-        counts.kv_slot_reads += len(running.rows) * running.slots
-        running.hidden = split.forward_body(
-            input_ids=next_tokens[:, None],
-            attention_mask=running.mask,
-            position_ids=running.positions[:, None],
-            past_key_values=running.cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
+        drafts = _drafts(running, plan, settings, lookup) if drafting else []  # type: ignore[arg-type]
+        width = 1 + max((len(d) for d in drafts), default=0)
+        if width == 1:
+            running.mask = torch.cat([running.mask, running.mask.new_ones((len(running.rows), 1))], dim=1)
+            running.positions = running.positions + 1
+            counts.decode_steps += 1
+            counts.decode_rows += len(running.rows)
+            counts.kv_slot_reads += len(running.rows) * running.slots
+            running.hidden = split.forward_body(
+                input_ids=next_tokens[:, None],
+                attention_mask=running.mask,
+                position_ids=running.positions[:, None],
+                past_key_values=running.cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+        else:
+            _draft_step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take)
+            if not running.rows:
+                running = None  # every row finished within its draft
         counts.decode_seconds += time.perf_counter() - step_started
     return results, counts
+
+
+def _drafts(running: _Running, plan: SlotPlan, settings: DecodeSettings, lookup: LookupPlan) -> list[list[int]]:
+    """Each running row's draft for this step (prompt_lookup.py), no longer than the tokens it may
+    still generate; [] when the step runs without drafts (too many rows for the step's token cap,
+    or a cache that would outgrow the KV budget: rejected drafts leave masked slots behind)."""
+    rows = running.rows
+    length = lookup.draft_length(len(rows))
+    if length <= 0:
+        return []
+    if plan.kv_budget_bytes is not None:
+        widest = running.slots + length + 1 + kv_slots.SlotLayer.spare_slots
+        if len(rows) * widest * plan.kv_bytes_per_token > plan.kv_budget_bytes:
+            return []
+    drafts = []
+    for row in rows:
+        assert row.lookup is not None
+        room = (row.prompt.max_new_tokens or settings.max_new_tokens) - len(row.outputs)
+        drafts.append(row.lookup.draft(min(length, room)))
+    return drafts
+
+
+def _draft_step(
+    split: SplitModel,
+    settings: DecodeSettings,
+    running: _Running,
+    next_tokens: torch.Tensor,
+    drafts: list[list[int]],
+    pad_token_id: int,
+    counts: DecodeCounts,
+    take: Callable[[_Row, int], bool],
+) -> None:
+    """One decode step of every row's next token followed by its draft. The model's argmax after
+    each token checks the draft token there; a row keeps its draft up to the first it disagrees
+    with (outputs are those of one token per step), and the step's later slots of that row are
+    masked out of the cache. Rows that finish within their draft leave."""
+    n = len(running.rows)
+    device = running.mask.device
+    lengths = [len(d) for d in drafts]
+    width = 1 + max(lengths)
+    ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    real = torch.zeros((n, width), dtype=running.mask.dtype)
+    for b, draft in enumerate(drafts):
+        ids[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        real[b, : 1 + len(draft)] = 1
+    ids = ids.to(device)
+    ids[:, 0] = next_tokens
+    running.mask = torch.cat([running.mask, real.to(device)], dim=1)
+    positions = running.positions[:, None] + 1 + torch.arange(width, device=device)
+    counts.decode_steps += 1
+    counts.draft_steps += 1
+    counts.decode_rows += n
+    counts.draft_tokens += sum(lengths)
+    counts.kv_slot_reads += n * running.slots
+    hidden = split.forward_body(
+        input_ids=ids, attention_mask=running.mask, position_ids=positions, past_key_values=running.cache, use_cache=True
+    ).last_hidden_state
+    # The model's choice after each token that a draft token follows, as a one-token step makes it.
+    checked = [(b, j) for b in range(n) for j in range(lengths[b])]
+    choices: list[int] = []
+    if checked:
+        at_rows = torch.tensor([b for b, _ in checked], device=device)
+        at_cols = torch.tensor([j for _, j in checked], device=device)
+        generated = [len(running.rows[b].outputs) + j for b, j in checked]
+        choices = process_logits(split.logits(hidden[at_rows, at_cols]).float(), settings, [], generated).argmax(dim=-1).tolist()
+    keep: list[int] = []
+    last: list[int] = []  # per row: the column of its last token kept
+    start = 0
+    for b, row in enumerate(running.rows):
+        draft, mine = drafts[b], choices[start : start + lengths[b]]
+        start += lengths[b]
+        kept, finished = 0, False
+        while kept < len(draft) and mine[kept] == draft[kept]:
+            kept += 1
+            if take(row, draft[kept - 1]):
+                finished = True
+                break
+        counts.accepted_drafts += kept
+        last.append(kept)
+        if not finished:
+            keep.append(b)
+    columns = torch.arange(width, device=device)
+    last_column = torch.tensor(last, device=device)
+    running.mask[:, -width:] = (columns[None, :] <= last_column[:, None]).to(running.mask.dtype)
+    every = torch.arange(n, device=device)
+    running.positions = positions[every, last_column]
+    running.hidden = hidden[every, last_column]
+    if not keep:
+        running.rows = []
+    elif len(keep) < n:
+        _leave(running, n, keep)
 
 
 def plan_slots(split: SplitModel, max_rows: int, longest: int, max_new: int, budget_bytes: int | None) -> SlotPlan:

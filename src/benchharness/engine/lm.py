@@ -45,6 +45,7 @@ from benchharness.engine.batching import (
     strip_prefix,
 )
 from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, generate, plan_slots
+from benchharness.engine.prompt_lookup import LookupPlan, plan_lookup
 from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
 from benchharness.engine.generation import DecodeSettings
 from benchharness.engine.head import SplitModel, split_model
@@ -61,6 +62,12 @@ _MIN_ROW_SPLIT_TOKENS = 2048
 # Contexts sharing fewer leading tokens than this are not worth a prefix group.
 _MIN_SHARED_PREFIX = 16
 _DEFAULT_PREFILL_CHUNK = 1024  # prompt tokens per prefill forward without a token budget
+# Prompt-lookup drafts (prompt_lookup.py): up to 4 draft tokens per row, while rows x (1 + draft)
+# stays within 24 tokens a step. On these CPUs a step of 24 tokens costs under twice one of a
+# single token (the weights are read once either way); past that, drafts the model rejects cost
+# more than the steps they save (benchmarks/continuous_vs_static.py --modes continuous,no-lookup).
+_DEFAULT_LOOKUP_TOKENS = 4
+_DEFAULT_LOOKUP_STEP_TOKENS = 24
 
 
 @dataclass
@@ -84,6 +91,9 @@ class EngineStats:
     kv_slot_reads: int = 0  # rows x cache slots summed over decode steps (keys and values read)
     max_running_rows: int = 0
     decode_seconds: float = 0.0  # wall time of the decode steps, prefills excluded
+    draft_steps: int = 0  # decode steps that ran prompt-lookup drafts
+    draft_tokens: int = 0  # draft tokens run
+    accepted_drafts: int = 0  # draft tokens kept as output (the model chose them itself)
     generated_tokens: int = 0
     reasoning_unfinished: int = 0  # generations whose reasoning block never closed (scored as no answer)
 
@@ -111,6 +121,8 @@ class BenchEngineLM(TemplateLM):
         cpu_kernels: bool = True,
         check_model: bool = True,
         kv_cache_bytes: int | None = None,
+        prompt_lookup_tokens: int | str = _DEFAULT_LOOKUP_TOKENS,
+        lookup_step_tokens: int | str = _DEFAULT_LOOKUP_STEP_TOKENS,
         enable_thinking: bool | str | None = None,
         think_end_token: str | None = None,
         think_start_token: str = "<think>",
@@ -173,7 +185,10 @@ class BenchEngineLM(TemplateLM):
         self._oom_splits = 0
         self.stats = EngineStats()
         self._kv_budget = int(kv_cache_bytes) if kv_cache_bytes else None
+        self._lookup_tokens = _non_negative("prompt_lookup_tokens", prompt_lookup_tokens)
+        self._lookup_step_tokens = _non_negative("lookup_step_tokens", lookup_step_tokens)
         self.generation_plan: SlotPlan | None = None
+        self.lookup_plan: LookupPlan | None = None
         self.last_decode_counts: DecodeCounts | None = None
         # lm-eval's evaluator reads `batch_sizes` for its results config.
         self.batch_sizes: dict[int, int] = {}
@@ -264,6 +279,7 @@ class BenchEngineLM(TemplateLM):
             "path_check": self.path_check,
             "kv_budget_bytes": self.kv_budget_bytes(),
             "generation": self.generation_plan.to_dict() if self.generation_plan else None,
+            "prompt_lookup": self.lookup_plan.to_dict() if self.lookup_plan else None,
         }
 
     def reset_stats(self) -> None:
@@ -583,6 +599,8 @@ class BenchEngineLM(TemplateLM):
             if not self._continuous and plan.refill:
                 plan = replace(plan, refill=False, reason="continuous_batching=false")
             self.generation_plan = plan
+            lookup = plan_lookup(settings, self._split.layer_kinds, self._lookup_tokens, self._lookup_step_tokens)
+            self.lookup_plan = lookup
             found, counts = generate(
                 self._split,
                 queue,
@@ -593,6 +611,7 @@ class BenchEngineLM(TemplateLM):
                 chunk_tokens=self.token_budget() or _DEFAULT_PREFILL_CHUNK,
                 admit_at_least=max(1, plan.slots // 8),
                 on_finish=lambda _index, _tokens: pbar.update(1),
+                lookup=lookup,
             )
             for i, new_tokens in found.items():
                 outputs[i] = new_tokens
@@ -602,12 +621,26 @@ class BenchEngineLM(TemplateLM):
             self.stats.decode_rows += counts.decode_rows
             self.stats.kv_slot_reads += counts.kv_slot_reads
             self.stats.decode_seconds += counts.decode_seconds
+            self.stats.draft_steps += counts.draft_steps
+            self.stats.draft_tokens += counts.draft_tokens
+            self.stats.accepted_drafts += counts.accepted_drafts
             self.stats.max_running_rows = max(self.stats.max_running_rows, counts.max_running)
             self.stats.generated_tokens += counts.generated_tokens
             self.last_decode_counts = counts
         pbar.close()
         self.stats.generate_requests += len(requests)
         return [o if o is not None else [] for o in outputs]
+
+
+def _non_negative(name: str, value: int | str) -> int:
+    """A count given as an int, or as text in lm-eval's `--model_args name=4`."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    return count
 
 
 def _as_bool(name: str, value: bool | str) -> bool:
