@@ -8,7 +8,8 @@ join the running batch's cache
 (`kv_slots.join`); every step picks one token for each running row, rows that finish
 (EOS, a stop string, the token limit) leave, and cache slots no row uses any more are
 dropped. Prompts that share a prefix (few-shot examples) are prefilled from the prefix's
-keys and values, run once.
+keys and values, run once. While few rows run, a greedy step may also carry each row's
+prompt-lookup draft (`prompt_lookup.py`), checked token by token against the model's argmax.
 
 What a row computes depends only on its own tokens: the attention mask hides every
 other row and every padding slot, positions count the row's own tokens, and sampling
