@@ -269,9 +269,8 @@ def test_an_admission_takes_neighbours_of_the_same_prefix_within_the_token_budge
 def _brute_force_draft(tokens: list[int], length: int) -> list[int]:
     """The tokens after the latest earlier occurrence of the longest suffix (3 down to 1) that occurred before."""
     for n in (3, 2, 1):
-        suffix = tokens[len(tokens) - n :] if len(tokens) >= n else None
-        for start in range(len(tokens) - n - 1, -1, -1):
-            if suffix is not None and tokens[start : start + n] == suffix:
+        for start in range(len(tokens) - n - 1, -1, -1):  # empty unless n tokens came before the suffix
+            if tokens[start : start + n] == tokens[len(tokens) - n :]:
                 return tokens[start + n : start + n + length]
     return []
 

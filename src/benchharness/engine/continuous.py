@@ -253,7 +253,7 @@ def generate(
     running: _Running | None = None
     prefill: _Prefill | None = None
     prefill_rows: list[_Row] = []
-    drafting = lookup is not None and lookup.draft_tokens > 0
+    drafting = lookup is not None and lookup.draft_tokens > 0  # rows keep an n-gram index
 
     def finish(row: _Row) -> None:
         results[row.prompt.index] = row.outputs
@@ -274,7 +274,7 @@ def generate(
             row.history.append(token)
         if row.lookup is not None:
             row.lookup.extend((token,))
-        if len(row.outputs) >= (row.prompt.max_new_tokens or settings.max_new_tokens):
+        if len(row.outputs) >= _token_limit(row, settings):
             finish(row)
             return True
         if settings.stop_strings and stops_answer(decode(row.outputs), row.prompt.starts_open, settings.reasoning, settings.stop_strings):
@@ -342,50 +342,40 @@ def generate(
         if len(keep) < len(rows):
             next_tokens = next_tokens.index_select(0, _leave(running, len(rows), keep))
 
-        drafts = _drafts(running, plan, settings, lookup) if drafting else []  # type: ignore[arg-type]
-        width = 1 + max((len(d) for d in drafts), default=0)
-        if width == 1:
-            running.mask = torch.cat([running.mask, running.mask.new_ones((len(running.rows), 1))], dim=1)
-            running.positions = running.positions + 1
-            counts.decode_steps += 1
-            counts.decode_rows += len(running.rows)
-            counts.kv_slot_reads += len(running.rows) * running.slots
-            running.hidden = split.forward_body(
-                input_ids=next_tokens[:, None],
-                attention_mask=running.mask,
-                position_ids=running.positions[:, None],
-                past_key_values=running.cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
-        else:
-            _draft_step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take)
-            if not running.rows:
-                running = None  # every row finished within its draft
+        drafts = _drafts(running, plan, settings, lookup)
+        _step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take)
+        if not running.rows:
+            running = None  # every row finished within its draft
         counts.decode_seconds += time.perf_counter() - step_started
     return results, counts
 
 
-def _drafts(running: _Running, plan: SlotPlan, settings: DecodeSettings, lookup: LookupPlan) -> list[list[int]]:
+def _token_limit(row: _Row, settings: DecodeSettings) -> int:
+    return row.prompt.max_new_tokens or settings.max_new_tokens
+
+
+def _drafts(running: _Running, plan: SlotPlan, settings: DecodeSettings, lookup: LookupPlan | None) -> list[list[int]]:
     """Each running row's draft for this step (prompt_lookup.py), no longer than the tokens it may
-    still generate; [] when the step runs without drafts (too many rows for the step's token cap,
-    or a cache that would outgrow the KV budget: rejected drafts leave masked slots behind)."""
+    still generate; all empty when the step runs without drafts (drafts off, too many rows for the
+    step's token cap, or a cache that would outgrow the KV budget: rejected drafts leave masked
+    slots behind)."""
     rows = running.rows
-    length = lookup.draft_length(len(rows))
+    none: list[list[int]] = [[] for _ in rows]
+    length = lookup.draft_length(len(rows)) if lookup is not None else 0
     if length <= 0:
-        return []
+        return none
     if plan.kv_budget_bytes is not None:
         widest = running.slots + length + 1 + kv_slots.SlotLayer.spare_slots
         if len(rows) * widest * plan.kv_bytes_per_token > plan.kv_budget_bytes:
-            return []
+            return none
     drafts = []
     for row in rows:
         assert row.lookup is not None
-        room = (row.prompt.max_new_tokens or settings.max_new_tokens) - len(row.outputs)
-        drafts.append(row.lookup.draft(min(length, room)))
+        drafts.append(row.lookup.draft(min(length, _token_limit(row, settings) - len(row.outputs))))
     return drafts
 
 
-def _draft_step(
+def _step(
     split: SplitModel,
     settings: DecodeSettings,
     running: _Running,
@@ -395,10 +385,10 @@ def _draft_step(
     counts: DecodeCounts,
     take: Callable[[_Row, int], bool],
 ) -> None:
-    """One decode step of every row's next token followed by its draft. The model's argmax after
-    each token checks the draft token there; a row keeps its draft up to the first it disagrees
-    with (outputs are those of one token per step), and the step's later slots of that row are
-    masked out of the cache. Rows that finish within their draft leave."""
+    """One decode step of every row's next token, followed by its draft (if any). The model's argmax
+    after each token checks the draft token there; a row keeps its draft up to the first it
+    disagrees with (outputs are those of one token per step), and the step's later slots of that
+    row are masked out of the cache. Rows that finish within their draft leave."""
     n = len(running.rows)
     device = running.mask.device
     lengths = [len(d) for d in drafts]
@@ -406,14 +396,15 @@ def _draft_step(
     ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     real = torch.zeros((n, width), dtype=running.mask.dtype)
     for b, draft in enumerate(drafts):
-        ids[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        if draft:
+            ids[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
         real[b, : 1 + len(draft)] = 1
     ids = ids.to(device)
     ids[:, 0] = next_tokens
     running.mask = torch.cat([running.mask, real.to(device)], dim=1)
     positions = running.positions[:, None] + 1 + torch.arange(width, device=device)
     counts.decode_steps += 1
-    counts.draft_steps += 1
+    counts.draft_steps += width > 1
     counts.decode_rows += n
     counts.draft_tokens += sum(lengths)
     counts.kv_slot_reads += n * running.slots
