@@ -16,6 +16,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from test_engine_support import (  # noqa: F401  (one_torch_thread: a fixture)
     ARCHITECTURES,
+    TEST_DEVICE,
     WINDOW,
     hflm_generated_ids,
     make_config,
@@ -175,7 +176,7 @@ def _careless_model(drops: frozenset[str], base: transformers.LlamaForCausalLM) 
 
     model = CarelessLlama(base.config).eval()
     model.load_state_dict(base.state_dict())
-    return model
+    return model.to(base.device)
 
 
 @pytest.mark.parametrize("drops,dtype", [({"masks"}, torch.float32), ({"positions"}, torch.float32), ({"cache"}, torch.float32),
@@ -185,7 +186,7 @@ def test_a_model_that_ignores_the_engines_inputs_is_refused(drops: set[str], dty
     model = _careless_model(frozenset(drops), make_model("llama", len(tokenizer))).to(dtype)
     assert not type(model).__module__.startswith("transformers.")  # treated as remote code: the long probe
     # Its plain forward is still the model's: only the engine's path differs.
-    ids = torch.tensor([tokenizer("the cat sells eggs")["input_ids"]])
+    ids = torch.tensor([tokenizer("the cat sells eggs")["input_ids"]], device=model.device)
     assert torch.allclose(model(input_ids=ids).logits, make_model("llama", len(tokenizer), dtype=dtype)(input_ids=ids).logits)
     with pytest.raises(UnsupportedModelError, match="engine's path .*Use `engine: hf`"):
         BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
@@ -250,12 +251,14 @@ def test_half_precision_greedy_generation_follows_the_stated_rule(arch: str, dty
             for request, a, b in zip(requests, outputs, theirs, strict=True):
                 prompt = engine._encode_prompt(request.args[0], engine.max_length)
                 assert generations_agree(model, prompt, a, b, name), (init, choice_gap(model, prompt, a, b))
-        if init == 0.2:
+        if init == 0.2 and TEST_DEVICE.type == "cpu":
+            # On a CPU a peaked model's outputs are identical; on an H200 (cuBLAS bf16 products) one
+            # of the ten parted, for Llama and for Qwen2, at a near-tie the rule above allows.
             assert ours == theirs
     # Not vacuous: the least likely first token instead of hf's is no near-tie.
     prompt = engine._encode_prompt(requests[0].args[0], engine.max_length)
     with torch.inference_mode():
-        unlikely = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmin())
+        unlikely = int(model(input_ids=torch.tensor([prompt], device=model.device)).logits[0, -1].argmin())
     assert not generations_agree(model, prompt, [unlikely], theirs[0], name)
     assert GENERATION_TIE["float32"] == 0.0  # fp32: identical outputs (test_engine_matches_hflm)
 

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from benchharness.engine import BenchEngineLM, kv_slots
+from benchharness.engine.autobatch import CPU_TOKEN_BUDGET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -344,7 +345,9 @@ def test_prompt_lookup_drafts_keep_hflms_greedy_outputs(arch, monkeypatch):
         assert engine.generate_token_ids(requests) == own, slots  # EOS where the row decoding alone puts it
     # The step's token cap: rows x (1 + draft) <= 12, so 3 rows draft 3 tokens each, 2 rows the
     # 4 asked for, 6 rows 1, and from 7 rows on none; drafts start as rows finish.
-    capped = BenchEngineLM(model=model, tokenizer=tokenizer, lookup_step_tokens=12)
+    # The CPU's fixed token budget on any device: admissions, and so the rows running at each step,
+    # as on a CPU (a GPU's budget admits all ten prompts at once, and they run side by side to the end).
+    capped = BenchEngineLM(model=model, tokenizer=tokenizer, lookup_step_tokens=12, max_batch_tokens=CPU_TOKEN_BUDGET)
     assert capped.generate_until(requests) == reference
     assert [capped.lookup_plan.draft_length(rows) for rows in (1, 2, 3, 6, 7, 13)] == [4, 4, 3, 1, 0, 0]
     assert 0 < capped.stats.draft_steps < capped.stats.decode_steps

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
+from test_engine_support import TEST_DEVICE, make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.batching import (
@@ -173,10 +173,10 @@ def test_blocked_output_layer_gives_log_softmax_over_the_whole_vocabulary(arch):
     vocab = 2 * _VOCAB_BLOCK + 123
     split = split_model(make_model(arch, vocab))
     rows = _HEAD_ROWS + 7
-    hidden = torch.randn(rows, split.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(rows, split.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(split.device)
     reference = split.log_probs(hidden)
     argmax = reference.argmax(dim=-1)
-    slots = torch.arange(rows).repeat_interleave(3)
+    slots = torch.arange(rows, device=split.device).repeat_interleave(3)
     targets = torch.stack([argmax, torch.full_like(argmax, 5), torch.full_like(argmax, vocab - 1)], dim=1).reshape(-1)
     logprob, greedy = score_nodes(split, hidden, slots, targets)
     assert torch.allclose(logprob, reference[slots, targets], rtol=0, atol=1e-5)
@@ -311,6 +311,7 @@ def test_loglikelihood_rolling_matches_hflm(arch, add_bos):
     assert all(r < 0 for r in ours)
 
 
+@pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="the CPU token budget (a GPU takes the largest that fits)")
 def test_batches_do_not_depend_on_machine_speed(monkeypatch):
     """Reference runs must not depend on load: the CPU budget is fixed, so however fast or slow the
     machine's clock says it is, the same requests share the same forwards and get the same scores."""
@@ -336,6 +337,7 @@ def test_batches_do_not_depend_on_machine_speed(monkeypatch):
     assert first == second  # bit for bit
 
 
+@pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="the CPU token budget (a GPU takes the largest that fits)")
 def test_the_timing_probe_runs_only_when_asked(monkeypatch):
     """`max_batch_tokens=probe` brings back the CPU timing probe (then batches follow the clock, and
     the manifest says so); without it the same clock leaves the fixed budget."""

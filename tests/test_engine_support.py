@@ -3,12 +3,17 @@
 Models come from real transformers configs (Llama, Qwen2, Gemma 3 with sliding-window
 layers and final-logit softcapping) with a fixed seed; the tokenizer is a byte-level
 BPE trained on a small corpus, in a plain variant and one that adds BOS like Gemma's.
+
+`BENCHHARNESS_TEST_DEVICE=cuda` puts the models on that device (default cpu), so that the
+engine's parity tests can be run on a GPU machine as they are (`pytest tests/test_engine_continuous.py`
+there); the engine follows the device its model is on.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 from pathlib import Path
 
@@ -139,9 +144,13 @@ ARCHITECTURES = ("llama", "qwen2", "qwen2-sliding", "qwen3", "mistral", "ministr
                  "phi3", "olmo2", "glm", "glm4")
 
 
+# Where the tiny models live: cpu unless the environment names another device.
+TEST_DEVICE = torch.device(os.environ.get("BENCHHARNESS_TEST_DEVICE", "cpu"))
+
+
 def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 512, dtype: torch.dtype = torch.float32,
                initializer_range: float = 0.2) -> transformers.PreTrainedModel:
-    """A 2-3-layer model of the given architecture, on CPU, SDPA attention, seeded weights.
+    """A 2-3-layer model of the given architecture, on TEST_DEVICE, SDPA attention, seeded weights.
 
     A large init range makes the next-token distributions peaked, so greedy choices
     are clear-cut and parity checks compare real decisions, not float ties (a small one
@@ -155,7 +164,7 @@ def make_model(arch: str, vocab_size: int, seed: int = 0, max_positions: int = 5
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     model.generation_config = transformers.GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    return model.to(dtype).eval()
+    return model.to(dtype).to(TEST_DEVICE).eval()
 
 
 @pytest.fixture

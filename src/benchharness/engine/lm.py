@@ -108,7 +108,7 @@ class BenchEngineLM(TemplateLM):
         tokenizer: transformers.PreTrainedTokenizerBase,
         batch_size: int | str = "auto",
         max_batch_tokens: int | str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         max_batch_size: int | None = None,
         max_length: int | None = None,
         max_gen_toks: int = _DEFAULT_MAX_GEN_TOKS,
@@ -131,8 +131,9 @@ class BenchEngineLM(TemplateLM):
         super().__init__()
         if unused:
             logger.warning("benchharness engine: ignoring arguments %s", sorted(unused))
-        self._device = torch.device(device)
         model_device = next(model.parameters()).device
+        # No device given: the one the model is on (as lm-eval's hf model does with a model object).
+        self._device = model_device if device is None else torch.device(device)
         if model_device.type != self._device.type:
             raise ValueError(
                 f"the model is on {model_device} but the engine was asked for device={device!r}; "
