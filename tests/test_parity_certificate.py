@@ -197,3 +197,74 @@ def test_sampled_generations_are_skipped_and_counted(tiny_model_dir: Path) -> No
     samples[0]["resps"] = [[expected + " and more"]]  # an engine that generated something else fails
     record = certify_task(reference, "gen", "generate_until", samples, requests=16, seed=0, dtype="float32")
     assert (record["identical"], record["passed"], record["differing"]) == (0, False, [0])
+
+
+def _parting_texts(model, tokenizer, prompt: str, theirs: list[int], tie: float) -> tuple[int, str, str]:
+    """Two texts that leave hf's tokens `theirs` at the same token `k`: there one takes the model's best
+    token besides hf's, within the near-tie bound `tie`, the other a single-character token among the 50
+    most likely but far from a tie. Both are hf's text up to `k` plus the token's own text (a first
+    difference is all the rule reads)."""
+    import torch
+
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    for k in range(len(theirs)):
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt_ids + theirs[:k]], device=model.device)).logits[0, -1].float()
+        order = logits.argsort(descending=True).tolist()
+        close = order[0] if order[0] != theirs[k] else order[1]
+        prefix, hf_text, close_text = decode(theirs[:k]), decode(theirs[: k + 1]), decode(theirs[:k] + [close])
+        plain = all(t.startswith(prefix) and "\ufffd" not in t and "\n" not in t[len(prefix):] for t in (hf_text, close_text))
+        if not plain or hf_text.startswith(close_text) or close_text.startswith(hf_text) or close == tokenizer.eos_token_id:
+            continue
+        hf_logit = float(logits[theirs[k]])
+        if abs(hf_logit - float(logits[close])) > tie * max(abs(hf_logit), 1.0):
+            continue
+        far = [t for t in order[2:50] if len(decode([t])) == 1 and decode([t]).isalpha()
+               and abs(hf_logit - float(logits[t])) > 4 * tie * max(abs(hf_logit), 1.0)]
+        if far:
+            return k, close_text, prefix + decode([far[-1]])
+    raise AssertionError("no near-tie along hf's tokens: the test needs a flatter model")
+
+
+def test_half_precision_generations_may_part_from_hf_only_at_a_near_tie() -> None:
+    """bf16 (the CUDA default): the engine's batches round differently from hf's, so a greedy output
+    may part from hf's; the certificate accepts it where the first differing choice is a near-tie
+    (engine/parity.py GENERATION_TIE) and fails it otherwise. fp32 still asks for identical text."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from test_engine_support import hflm_generated_ids, make_model, make_tokenizer, mmlu_docs
+
+    from benchharness.engine.parity import GENERATION_TIE
+    from benchharness.engine.reference import ReferenceLM
+    from benchharness.run.certificate import certify_task
+
+    tokenizer = make_tokenizer()
+    # A small init range: flat next-token distributions, so bf16 near-ties lie along the output.
+    model = make_model("llama", len(tokenizer), dtype=torch.bfloat16, initializer_range=0.06)
+    reference = ReferenceLM(model, tokenizer, "auto", "cpu")
+    prompt = mmlu_docs(1, seed=4)[0]["question"] + "\nAnswer:"
+    args = (prompt, {"until": [], "do_sample": False, "max_gen_toks": 24})
+    instance = Instance("generate_until", {}, args, 0)
+    (theirs,) = hflm_generated_ids(reference, [instance], {tokenizer.eos_token_id})
+    (hf_text,) = reference.generate_until([instance], disable_tqdm=True)
+    k, close, far = _parting_texts(model, tokenizer, prompt, theirs, GENERATION_TIE["bfloat16"])
+
+    def certify(ours: str, dtype: str) -> dict:
+        samples = [{"doc_id": 0, "arguments": [args], "resps": [[ours]]}]
+        return certify_task(reference, "gen", "generate_until", samples, requests=16, seed=0, dtype=dtype)
+
+    assert certify(hf_text, "bfloat16")["passed"] and "near_ties" not in certify(hf_text, "bfloat16")
+    record = certify(close, "bfloat16")
+    assert (record["identical"], record["near_ties"], record["passed"], record["differing"]) == (0, 1, True, [])
+    (first,) = record["first_differences"]
+    assert first["near_tie"] and first["token"] == k
+    assert first["logit_gap"] <= GENERATION_TIE["bfloat16"] * max(first["logit"], 1.0)
+    record = certify(far, "bfloat16")
+    assert (record["identical"], record["near_ties"], record["passed"], record["differing"]) == (0, 0, False, [0])
+    (first,) = record["first_differences"]
+    assert not first["near_tie"] and first["token"] == k
+    assert first["logit_gap"] > 4 * GENERATION_TIE["bfloat16"] * max(first["logit"], 1.0)
+    # fp32 (GENERATION_TIE 0): a difference fails, with no near-tie reading.
+    record = certify(close, "float32")
+    assert (record["passed"], record["differing"]) == (False, [0]) and "near_ties" not in record

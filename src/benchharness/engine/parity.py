@@ -89,3 +89,59 @@ def generations_agree(model: Any, prompt_ids: Sequence[int], ours: Sequence[int]
         return True
     _, difference, scale = gap
     return difference <= GENERATION_TIE.get(dtype, 0.0) * max(scale, 1.0)
+
+
+def _cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """The text before the first stop string in it, as lm-eval cuts a generation."""
+    ends = [text.find(stop) for stop in until if stop and stop in text]
+    return text[: min(ends)] if ends else text
+
+
+def text_choice_gap(
+    model: Any,
+    decode: Any,
+    prompt_ids: Sequence[int],
+    theirs: Sequence[int],
+    ours_text: str,
+    until: Sequence[str],
+    eos_ids: set[int],
+    top: int = 50,
+) -> tuple[int, float, float] | None:
+    """The rule above for an output known only as text (the engine's logged answer), against hf's
+    tokens `theirs` for the same prompt. At the first token `k` of `theirs` whose text leaves
+    `ours_text`, the engine's choice is taken to be the most likely token, in the model's plain
+    forward on the prompt and `theirs[:k]`, that continues `ours_text` there (or ends it: an EOS
+    token, or a stop string of `until`). Returns (k, |logit difference| of that token and hf's,
+    the larger |logit|), with an infinite difference when none of the `top` most likely tokens
+    continues it; None when `ours_text` does not leave hf's tokens (nothing to compare).
+    `decode`: token ids to text, special tokens kept."""
+    import torch
+
+    def starts(text: str) -> bool:  # a token may end inside a character: its text ends in U+FFFD
+        return ours_text.startswith(text.rstrip("\ufffd"))
+
+    k = 0
+    while k < len(theirs) and starts(decode(list(theirs[: k + 1]))):
+        k += 1
+    if k == len(theirs):
+        return None
+    prefix = decode(list(theirs[:k]))
+
+    def continues(token: int) -> bool:
+        if token in eos_ids:
+            return ours_text == prefix.rstrip("\ufffd")
+        text = decode(list(theirs[:k]) + [token])
+        cut = _cut_at_stop(text, until)
+        if cut != text:
+            return cut == ours_text
+        return len(text.rstrip("\ufffd")) > len(prefix.rstrip("\ufffd")) and starts(text)
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(theirs[:k])], device=device)).logits[0, -1].float()
+    hf_logit = float(logits[theirs[k]])
+    for token in logits.topk(min(top, logits.shape[0])).indices.tolist():
+        if token != theirs[k] and continues(token):
+            ours_logit = float(logits[token])
+            return k, abs(hf_logit - ours_logit), max(abs(hf_logit), abs(ours_logit))
+    return k, float("inf"), abs(hf_logit)

@@ -131,7 +131,8 @@ def _sections(data: ReportData) -> list[Section]:
             "`parity: {requests: N}` per model, task and request type) is answered again by lm-eval's own `hf` model on the "
             "same weights in the same process and compared with the answers the scores were computed from: the largest "
             "loglikelihood difference, whether the chosen answer is the same (a document whose two best hf scores are within "
-            "the tolerance counts either way), and whether greedy generations are identical. Tolerance: "
+            "the tolerance counts either way), and whether greedy generations are identical (in bf16/fp16 one may part from hf's "
+            "at a near-tie of the model's own choice, engine/parity.py). Tolerance: "
             + ("; ".join(tolerances) if tolerances else "none recorded") + ". `share of run` is the certificate's seconds over "
             "the run's wall time.",
             [("", parity)]))

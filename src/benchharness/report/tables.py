@@ -258,10 +258,15 @@ def table_parity(data: ReportData) -> pd.DataFrame | None:
                 "same answer": f"{sum(int(r.get('argmax_agree') or 0) for r in records)}/{docs}" if docs else "",
                 "greedy outputs identical": (f"{sum(int(r.get('identical') or 0) for r in generated)}/"
                                              f"{sum(int(r.get('compared') or 0) for r in generated)}"
+                                             + _near_ties(sum(int(r.get("near_ties") or 0) for r in generated))
                                              + _skipped(sum(int(r.get("sampled_skipped") or 0) for r in generated))) if generated else "",
                 "seconds": _fmt_num(seconds), "share of run": f"{100 * seconds / wall:.1f}%" if wall else "",
             })
     return pd.DataFrame(rows) if rows else None
+
+
+def _near_ties(count: int) -> str:
+    return f" (+{count} parting at a near-tie)" if count else ""
 
 
 def _skipped(sampled: int) -> str:

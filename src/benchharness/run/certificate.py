@@ -4,7 +4,8 @@ answers the benchharness engine gave and the scores were computed from.
 
 Takes: the task's logged samples (lm-eval's `arguments` and `resps`), its output type, the model
 and tokenizer. Gives: one JSON-able record per task (requests compared, max |Δ loglikelihood|,
-greedy-flag, argmax and generation agreement, seconds, passed), and the run-level summary the
+greedy-flag, argmax and generation agreement (in half precision, a generation that parts from
+hf's at a near-tie agrees), seconds, passed), and the run-level summary the
 manifest, the report and the exit status use. Tolerances: `benchharness.engine.parity.TOLERANCE`.
 """
 
@@ -15,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchharness.engine.parity import TOLERANCE
+from benchharness.engine.parity import GENERATION_TIE, TOLERANCE, text_choice_gap
 
 def request_type(output_type: str) -> str:
     return "loglikelihood" if output_type == "multiple_choice" else output_type
@@ -64,9 +65,17 @@ def certify_task(
         greedy = [i for i, inst in enumerate(instances) if not inst.args[1].get("do_sample") and not float(inst.args[1].get("temperature", 0) or 0)]
         theirs = reference.generate_until([instances[i] for i in greedy], disable_tqdm=True) if greedy else []
         identical = sum(ours[i] == text for i, text in zip(greedy, theirs, strict=True))
+        differing = [i for i, text in zip(greedy, theirs, strict=True) if ours[i] != text]
+        # fp32: identical strings. bf16/fp16: an output may part from hf's at a near-tie (engine/parity.py).
+        near_ties = [] if GENERATION_TIE.get(dtype, 0.0) == 0.0 else [
+            (i, gap) for i in differing if (gap := _half_precision_gap(reference, instances[i], ours[i], dtype)) is not None]
+        agreeing = {i for i, gap in near_ties if gap["near_tie"]}
         record.update(compared=len(greedy), identical=identical, sampled_skipped=len(instances) - len(greedy),
-                      passed=identical == len(greedy))
-        record["differing"] = [owners[i] for i, text in zip(greedy, theirs, strict=True) if ours[i] != text][:10]
+                      passed=identical + len(agreeing) == len(greedy))
+        if near_ties:
+            record["near_ties"] = len(agreeing)
+            record["first_differences"] = [{"doc_id": owners[i], **gap} for i, gap in near_ties][:10]
+        record["differing"] = [owners[i] for i in differing if i not in agreeing][:10]
     elif kind == "loglikelihood_rolling":
         theirs = reference.loglikelihood_rolling(instances, disable_tqdm=True)
         diffs = [abs(float(a) - float(b)) for a, b in zip(ours, theirs, strict=True)]
@@ -83,6 +92,46 @@ def certify_task(
                       passed=within and argmax_agree == argmax_docs and (greedy_agree == len(diffs) or dtype != "float32"))
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _half_precision_gap(reference: Any, instance: Any, ours: str, dtype: str) -> dict[str, Any] | None:
+    """A greedy generation that differs from hf's batched one, in half precision: hf again on this
+    request alone (the rule's own batch of one), its tokens recorded. The same text as ours agrees;
+    otherwise where our text leaves hf's tokens, hf's choice and ours must be a near-tie. None where
+    hf gives no tokens to compare (it left no record)."""
+    recorded: list[tuple[list[int], list[int]]] = []
+    generate = reference._model_generate
+
+    def recording(context: Any, max_length: int, stop: Any, **kwargs: Any) -> Any:
+        out = generate(context, max_length, stop, **kwargs)
+        recorded.append((context[0].tolist(), out[0, context.shape[1]:].tolist()))
+        return out
+
+    reference._model_generate = recording
+    try:
+        (alone,) = reference.generate_until([instance], disable_tqdm=True)
+    finally:
+        reference._model_generate = generate
+    if alone == ours:
+        return {"near_tie": True, "how": "hf's own output at batch 1"}
+    if not recorded:
+        return None
+    prompt, theirs = recorded[0]
+    tokenizer = reference.tokenizer
+    until = instance.args[1].get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    configured = reference.model.generation_config.eos_token_id
+    eos = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    eos.discard(None)
+    gap = text_choice_gap(reference.model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), prompt, theirs,
+                          ours, until, eos)
+    if gap is None:
+        return {"near_tie": False, "how": "our text does not leave hf's tokens"}
+    index, difference, scale = gap
+    if difference == float("inf"):
+        return {"near_tie": False, "token": index, "how": "no likely token continues our text there"}
+    return {"near_tie": difference <= GENERATION_TIE[dtype] * max(scale, 1.0), "token": index,
+            "logit_gap": difference, "logit": scale}
 
 
 def _argmax_agreement(ours: list[Any], theirs: list[Any], owners: list[Any], tolerance: Any) -> tuple[int, int, int]:
@@ -123,6 +172,7 @@ def summary(per_model: Mapping[str, Mapping[str, Mapping[str, Any]]], dtype: str
         "max_abs_diff": max(diffs, default=None),
         "generations_compared": sum(r.get("compared", 0) for r in records if r["type"] == "generate_until"),
         "generations_identical": sum(r.get("identical", 0) for r in records if r["type"] == "generate_until"),
+        "generations_near_ties": sum(r.get("near_ties", 0) for r in records if r["type"] == "generate_until"),
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
         "failed": failed,
     }
