@@ -124,10 +124,14 @@ def check(model, tokenizer, requests: list[Instance], dtype: str, hf_batch: int,
                "identical": sum(a == b for a, b in zip(ours, theirs, strict=True))}
         differing = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
         if differing:
-            kinds = {"near-tie": 0, "not a near-tie": 0, "same tokens": 0}
+            kinds = {"near-tie": 0, "not a near-tie": 0, "same tokens": 0, "not recorded": 0}
             for i in differing:
                 prompt = engine._encode_prompt(requests[i].args[0], engine.max_length)
-                mine, hf = ids[i], theirs_ids.get(tuple(prompt), [])
+                if tuple(prompt) not in theirs_ids:  # hf encoded this prompt otherwise
+                    kinds["not recorded"] += 1
+                    details.append(f"{name}, request {i}: hf's tokens for this prompt were not recorded")
+                    continue
+                mine, hf = ids[i], theirs_ids[tuple(prompt)]
                 gap = choice_gap(model, prompt, mine, hf)
                 if gap is None:  # one token list begins the other: the texts part at a stop string or EOS
                     kinds["same tokens"] += 1
