@@ -32,7 +32,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from benchharness.engine import BenchEngineLM
-from benchharness.engine.parity import GENERATION_TIE, choice_gap
+from benchharness.engine.parity import choice_gap, near_tie
 
 WARMUP_REQUESTS = 4
 
@@ -139,7 +139,7 @@ def check(model, tokenizer, requests: list[Instance], dtype: str, hf_batch: int,
                                    f"hf {len(hf)}; engine ends {mine[-3:]}, hf at that point {hf[len(mine) - 3:len(mine) + 1]})")
                     continue
                 index, difference, scale = gap
-                kind = "near-tie" if difference <= GENERATION_TIE.get(dtype, 0.0) * max(scale, 1.0) else "not a near-tie"
+                kind = "near-tie" if near_tie(difference, scale, dtype) else "not a near-tie"
                 kinds[kind] += 1
                 details.append(f"{name}, request {i}: token {index}, engine {mine[index]} / hf {hf[index]}, "
                                f"logit gap {difference:.3g} at |logit| {scale:.3g}: {kind}")

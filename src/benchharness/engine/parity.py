@@ -88,6 +88,11 @@ def generations_agree(model: Any, prompt_ids: Sequence[int], ours: Sequence[int]
     if gap is None:
         return True
     _, difference, scale = gap
+    return near_tie(difference, scale, dtype)
+
+
+def near_tie(difference: float, scale: float, dtype: str) -> bool:
+    """Two chosen tokens' logits `difference` apart, the larger `scale` in magnitude: a near-tie for `dtype`."""
     return difference <= GENERATION_TIE.get(dtype, 0.0) * max(scale, 1.0)
 
 

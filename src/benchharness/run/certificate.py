@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchharness.engine.parity import GENERATION_TIE, TOLERANCE, text_choice_gap
+from benchharness.engine.parity import GENERATION_TIE, TOLERANCE, near_tie, text_choice_gap
 
 def request_type(output_type: str) -> str:
     return "loglikelihood" if output_type == "multiple_choice" else output_type
@@ -130,7 +130,7 @@ def _half_precision_gap(reference: Any, instance: Any, ours: str, dtype: str) ->
     index, difference, scale = gap
     if difference == float("inf"):
         return {"near_tie": False, "token": index, "how": "no likely token continues our text there"}
-    return {"near_tie": difference <= GENERATION_TIE[dtype] * max(scale, 1.0), "token": index,
+    return {"near_tie": near_tie(difference, scale, dtype), "token": index,
             "logit_gap": difference, "logit": scale}
 
 
