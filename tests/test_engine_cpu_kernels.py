@@ -76,7 +76,7 @@ def test_kernels_reproduce_the_models_logits(mlp_class: str) -> None:
 def test_other_activations_keep_their_mlp_but_get_onednn_linears() -> None:
     model = _model(transformers.LlamaConfig(hidden_act="relu", **_COMMON))
     kernels = plan_cpu_kernels(model, enabled=True)
-    assert kernels.description == "onednn linear"
+    assert kernels.description.startswith("onednn linear; packed weights (")
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert {id(m) for m, _ in kernels.swaps} == {id(m) for m in linears}
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -118,6 +118,43 @@ def test_non_float32_inputs_take_the_modules_own_forward() -> None:
     assert out.dtype == torch.float64 and torch.equal(out, nn.Linear.forward(linear, x))
 
 
+@pytest.mark.parametrize("mlp_class", ["Qwen2MLP", "Gemma3MLP"])
+def test_packed_weights_give_the_unpacked_kernels_outputs_bit_for_bit(mlp_class: str) -> None:
+    model = _model(_CONFIGS[mlp_class]())
+    packed = plan_cpu_kernels(model, enabled=True)
+    plain = plan_cpu_kernels(model, enabled=True, pack_budget_bytes=0)
+    weights = {id(m.weight) for m in model.modules() if type(m) is nn.Linear}
+    assert len(packed.packs) == len(weights) and len(plain.packs) == 0
+    assert "; packed weights (" in packed.description
+    assert "; weights not packed (their copy, " in plain.description and "exceeds the 0.00 GB" in plain.description
+    head = model.lm_head.weight
+    rows = torch.randn(3, head.shape[1])
+    assert packed.packs.weight_for(head, rows) is not head  # several rows: the packed copy
+    assert packed.packs.weight_for(head, rows[:1]) is head  # one row: the plain weight
+    for shape in ((3, 17), (1, 1), (4, 1), (1, 9)):  # prefill, one row alone, decode rows, one prompt
+        ids = torch.randint(0, 300, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.inference_mode():
+            outputs = []
+            for kernels in (packed, plain):
+                with kernels.applied():
+                    hidden = model.model(input_ids=ids).last_hidden_state
+                outputs.append(kernels.linear(hidden, head))
+        assert torch.equal(outputs[0], outputs[1]), shape
+
+
+def test_a_weight_changed_in_place_after_packing_is_packed_again() -> None:
+    model = _model(transformers.LlamaConfig(**_COMMON))
+    kernels = plan_cpu_kernels(model, enabled=True)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2.0)  # a merged adapter, say
+        model.model.layers[1].self_attn.o_proj.weight.add_(0.1)
+        reference = model(input_ids=ids).logits
+        with kernels.applied():
+            ours = model(input_ids=ids).logits
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4), float((ours - reference).abs().max())
+
+
 def test_onednn_linear_matches_torch_linear() -> None:
     x, weight, bias = torch.randn(5, 7, 32), torch.randn(48, 32), torch.randn(48)
     assert torch.allclose(onednn_linear(x, weight, bias), nn.functional.linear(x, weight, bias), atol=1e-5)
@@ -133,7 +170,7 @@ def test_engine_scores_agree_with_and_without_the_kernels_and_record_them() -> N
     ]
     fast = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
     plain = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4, cpu_kernels="false")
-    assert fast.batch_info["cpu_kernels"] == "onednn linear; fused Gemma3MLP(gelu)"
+    assert fast.batch_info["cpu_kernels"].startswith("onednn linear; fused Gemma3MLP(gelu); packed weights (")
     assert plain.batch_info["cpu_kernels"] == "torch (cpu_kernels=false)"
     ours, theirs = fast.score_token_requests(requests), plain.score_token_requests(requests)
     for i in ours:
@@ -150,5 +187,5 @@ def test_speed_probe_runs_with_the_configured_engines_kernels() -> None:
     model = _model(transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **_COMMON))
     ours = probe_kernels(load_experiment(default, Overrides(engine="benchharness")), model)
     reference = probe_kernels(load_experiment(default, Overrides(engine="hf")), model)
-    assert ours.description == "onednn linear; fused Gemma3MLP(gelu)" and ours.swaps
+    assert ours.description.startswith("onednn linear; fused Gemma3MLP(gelu); packed weights (") and ours.swaps
     assert reference.swaps == [] and reference.description == "torch (cpu_kernels=false)"

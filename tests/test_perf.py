@@ -406,11 +406,12 @@ def test_machine_limit_measurements_return_summaries() -> None:
 def test_machine_limits_take_the_fastest_matmul_kernel() -> None:
     kernels = matmul_kernels("cpu", torch.float32)
     assert kernels[0] == "torch.matmul"
-    assert ("onednn" in kernels) == onednn_available()
+    assert ("onednn" in kernels) == ("onednn packed" in kernels) == onednn_available()
     assert matmul_kernels("cpu", torch.bfloat16) == ["torch.matmul"]
     if onednn_available():
-        onednn = measure_matmul_flops("cpu", torch.float32, size=64, min_seconds=0.0, min_reps=3, kernel="onednn")
-        assert onednn.n == 3 and onednn.min > 0
+        for kernel in ("onednn", "onednn packed"):
+            onednn = measure_matmul_flops("cpu", torch.float32, size=64, min_seconds=0.0, min_reps=3, kernel=kernel)
+            assert onednn.n == 3 and onednn.min > 0
     limits = measure_machine_limits("cpu", torch.float32, min_seconds=0.0)
     assert limits.matmul_kernel in kernels and limits.to_dict()["matmul_kernel"] == limits.matmul_kernel
 

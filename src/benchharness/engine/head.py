@@ -73,7 +73,9 @@ class SplitModel:
 
     def logits_slice(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Logits of vocabulary entries [start, stop) only, as `logits` computes them."""
-        weight = self.output_layer.weight[start:stop]
+        full = self.output_layer.weight
+        # The whole weight itself (not a slice of it), so the kernels find its packed copy.
+        weight = full if (start, stop) == (0, int(full.shape[0])) else full[start:stop]
         bias = self.output_layer.bias
         # Called on the weight directly, this skips the module's hooks: with `device_map`
         # the output layer may sit on another device than the body's last hidden states.

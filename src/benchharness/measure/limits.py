@@ -1,8 +1,9 @@
 """What the machine can do, measured in the same run: matmul FLOP/s and memory bandwidth.
 
-- The matmul limit is the faster of the two fp32 CPU kernels torch offers, its BLAS
-  (`torch.matmul`) and oneDNN (the linear kernel the benchharness engine uses on the CPU, see
-  `engine/cpu_kernels.py`); elsewhere it is `torch.matmul`'s. Which one is recorded.
+- The matmul limit is the fastest of the fp32 CPU kernels torch offers: its BLAS
+  (`torch.matmul`), oneDNN, and oneDNN on a weight packed once into its own layout (the linear
+  kernel the benchharness engine uses on the CPU, see `engine/cpu_kernels.py`); elsewhere it is
+  `torch.matmul`'s. Which one is recorded.
 - The limits are the fastest of their timed runs (`MachineLimits.peak_flops`, `peak_bandwidth`):
   interference only slows a run down, so the maximum estimates the ceiling. The probe's own figures
   are medians, so on a busy machine efficiency reads low rather than above 1.
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchharness.engine.onednn import onednn_available, onednn_linear
+from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_pack
 from benchharness.measure.memory import MIB
 from benchharness.measure.timing import Summary, repeat_timed, summarize, synchronizer
 
@@ -115,7 +116,8 @@ def measure_matmul_flops(
 ) -> Summary:
     """FLOP/s of square `size` x `size` matmuls (2*size^3 FLOPs each), per timed run.
 
-    `kernel` is "torch.matmul" or "onednn" (oneDNN's linear, float32 on the CPU only). One timed
+    `kernel` is "torch.matmul", "onednn" (oneDNN's linear, float32 on the CPU only) or "onednn packed"
+    (the same on a weight packed beforehand, as the engine's linear layers run). One timed
     run is as many matmuls as fill about 50 ms, so launch overhead on a GPU does not count.
     """
     dev = torch.device(device)
@@ -130,6 +132,12 @@ def measure_matmul_flops(
         def one() -> None:
             onednn_linear(a, b)
 
+    elif kernel == "onednn packed":
+        packed = onednn_pack(b)
+
+        def one() -> None:
+            onednn_linear(a, packed)
+
     elif kernel == "torch.matmul":
         out = torch.empty(n, n, device=dev, dtype=dtype)
 
@@ -137,7 +145,7 @@ def measure_matmul_flops(
             torch.matmul(a, b, out=out)
 
     else:
-        raise ValueError(f"unknown matmul kernel {kernel!r}: 'torch.matmul' or 'onednn'")
+        raise ValueError(f"unknown matmul kernel {kernel!r}: 'torch.matmul', 'onednn' or 'onednn packed'")
 
     for _ in range(max(warmup, 1)):
         one()
@@ -201,7 +209,8 @@ def measure_machine_limits(
 
 
 def matmul_kernels(device: str | torch.device, dtype: torch.dtype) -> list[str]:
-    """The matmul kernels a model may run on: oneDNN too for float32 on a CPU (when torch has it)."""
+    """The matmul kernels a model may run on: oneDNN too (plain and packed weights) for float32 on a
+    CPU (when torch has it)."""
     if torch.device(device).type == "cpu" and dtype == torch.float32 and onednn_available():
-        return ["torch.matmul", "onednn"]
+        return ["torch.matmul", "onednn", "onednn packed"]
     return ["torch.matmul"]
