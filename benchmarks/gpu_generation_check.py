@@ -33,6 +33,7 @@ from lm_eval.models.huggingface import HFLM
 
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.parity import choice_gap, near_tie
+from benchharness.engine.reference import recorded_generations, stop_token_ids
 
 WARMUP_REQUESTS = 4
 
@@ -65,23 +66,6 @@ def load_model(model_dir: Path | None, gguf: Path | None) -> tuple[transformers.
     return model, transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def hf_ids(hflm: HFLM, eos: set[int]) -> dict[tuple[int, ...], list[int]]:
-    """Record lm-eval hf's new tokens per prompt (cut after a first EOS) as its batches produce them."""
-    recorded: dict[tuple[int, ...], list[int]] = {}
-    generate = hflm._model_generate
-
-    def recording(context, max_length, stop, **kwargs):
-        out = generate(context, max_length, stop, **kwargs)
-        for row, row_mask, tokens in zip(context.tolist(), kwargs["attention_mask"].tolist(), out.tolist(), strict=True):
-            new = tokens[len(row):]
-            ends = [k for k, token in enumerate(new) if token in eos]
-            recorded[tuple(t for t, m in zip(row, row_mask, strict=True) if m)] = new[: ends[0] + 1] if ends else new
-        return out
-
-    hflm._model_generate = recording
-    return recorded
-
-
 def timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -95,14 +79,12 @@ def timed(fn, device: torch.device):
 def check(model, tokenizer, requests: list[Instance], dtype: str, hf_batch: int, step_caps: list[int],
           details: list[str]) -> list[dict]:
     """One table's rows; each output that differs from hf's adds a line to `details`."""
-    configured = model.generation_config.eos_token_id
-    eos = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
-    eos.discard(None)
+    eos = stop_token_ids(model, tokenizer)
     hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=hf_batch)
     hflm.generate_until(requests[:WARMUP_REQUESTS], disable_tqdm=True)
-    theirs_ids = hf_ids(hflm, eos)
     device = next(model.parameters()).device
-    theirs, hf_seconds = timed(lambda: hflm.generate_until(requests, disable_tqdm=True), device)
+    with recorded_generations(hflm, eos) as theirs_ids:
+        theirs, hf_seconds = timed(lambda: hflm.generate_until(requests, disable_tqdm=True), device)
     rows = [{"engine": f"lm-eval hf, batch {hf_batch}", "seconds": hf_seconds, "identical": len(requests)}]
     settings = [("engine, no drafts", {"prompt_lookup_tokens": 0})]
     settings += [(f"engine, drafts (step cap {cap})", {"lookup_step_tokens": cap}) for cap in step_caps]

@@ -180,23 +180,10 @@ def one_torch_thread():
 def hflm_generated_ids(hflm, requests: list, eos_token_ids: set[int]) -> list[list[int]]:
     """lm-eval's hf model's new tokens for generate_until requests, as its batches produced them
     (each cut after its first EOS: hf pads finished rows until the batch ends)."""
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    generate = hflm._model_generate
+    from benchharness.engine.reference import recorded_generations
 
-    def recording(context, max_length, stop, **kwargs):
-        out = generate(context, max_length, stop, **kwargs)
-        mask = kwargs["attention_mask"]
-        for row, row_mask, tokens in zip(context.tolist(), mask.tolist(), out.tolist(), strict=True):
-            new = tokens[len(row):]
-            ends = [k for k, token in enumerate(new) if token in eos_token_ids]
-            by_prompt[tuple(t for t, m in zip(row, row_mask, strict=True) if m)] = new[: ends[0] + 1] if ends else new
-        return out
-
-    hflm._model_generate = recording
-    try:
+    with recorded_generations(hflm, eos_token_ids) as by_prompt:
         hflm.generate_until(requests)
-    finally:
-        del hflm._model_generate
     prompts = [hflm.tok_batch_encode([req.args[0]])[0][0].tolist() for req in requests]
     return [by_prompt[tuple(prompt)] for prompt in prompts]
 

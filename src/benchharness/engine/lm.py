@@ -470,7 +470,9 @@ class BenchEngineLM(TemplateLM):
 
     # ------------------------------------------------------------ generation
     def _eos_token_ids(self) -> frozenset[int]:
-        """The ids transformers.generate stops on: the generation config's, else the tokenizer's."""
+        """The ids transformers.generate stops on: the generation config's, else the tokenizer's. (The
+        tokenizer's EOS, when the config names others, ends a generation too, as its text is one of
+        lm-eval's stop strings: `reference.stop_token_ids` is both, where a recorded hf output ends.)"""
         config = getattr(self._model, "generation_config", None)
         eos = getattr(config, "eos_token_id", None) if config is not None else None
         if eos is None:

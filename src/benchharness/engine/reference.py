@@ -16,6 +16,8 @@ choice is kept (`batch_choices`) for the manifest.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lm_eval.models.huggingface import HFLM
@@ -99,3 +101,36 @@ class ReferenceLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         finally:
             self._generation_tokens = None
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Token ids at which an lm-eval hf generation ends: the generation config's EOS ids (where
+    transformers.generate stops) and the tokenizer's EOS (whose text lm-eval adds to the stop
+    strings). What a recorded hf output is cut after (`recorded_generations`)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    return frozenset(ids)
+
+
+@contextmanager
+def recorded_generations(hflm: HFLM, stop_ids: frozenset[int] | set[int]) -> Iterator[dict[tuple[int, ...], list[int]]]:
+    """While the block runs, lm-eval hf's new tokens for each prompt it generates from, as its own
+    batches produce them: keyed by the prompt's tokens (padding removed), each cut after its first
+    id in `stop_ids` (hf pads finished rows until its batch ends). The dict stays after the block."""
+    recorded: dict[tuple[int, ...], list[int]] = {}
+    generate = hflm._model_generate
+
+    def recording(context: Any, max_length: int, stop: Any, **kwargs: Any) -> Any:
+        out = generate(context, max_length, stop, **kwargs)
+        for row, row_mask, tokens in zip(context.tolist(), kwargs["attention_mask"].tolist(), out.tolist(), strict=True):
+            new = tokens[len(row):]
+            ends = [k for k, token in enumerate(new) if token in stop_ids]
+            recorded[tuple(t for t, m in zip(row, row_mask, strict=True) if m)] = new[: ends[0] + 1] if ends else new
+        return out
+
+    hflm._model_generate = recording  # an instance attribute shadows the class's method
+    try:
+        yield recorded
+    finally:
+        del hflm._model_generate

@@ -99,31 +99,20 @@ def _half_precision_gap(reference: Any, instance: Any, ours: str, dtype: str) ->
     request alone (the rule's own batch of one), its tokens recorded. The same text as ours agrees;
     otherwise where our text leaves hf's tokens, hf's choice and ours must be a near-tie. None where
     hf gives no tokens to compare (it left no record)."""
-    recorded: list[tuple[list[int], list[int]]] = []
-    generate = reference._model_generate
+    from benchharness.engine.reference import recorded_generations, stop_token_ids  # lm-eval's hf: only here
 
-    def recording(context: Any, max_length: int, stop: Any, **kwargs: Any) -> Any:
-        out = generate(context, max_length, stop, **kwargs)
-        recorded.append((context[0].tolist(), out[0, context.shape[1]:].tolist()))
-        return out
-
-    reference._model_generate = recording
-    try:
+    tokenizer = reference.tokenizer
+    eos = stop_token_ids(reference.model, tokenizer)
+    with recorded_generations(reference, eos) as recorded:
         (alone,) = reference.generate_until([instance], disable_tqdm=True)
-    finally:
-        reference._model_generate = generate
     if alone == ours:
         return {"near_tie": True, "how": "hf's own output at batch 1"}
     if not recorded:
         return None
-    prompt, theirs = recorded[0]
-    tokenizer = reference.tokenizer
+    ((prompt, theirs),) = recorded.items()
     until = instance.args[1].get("until") or []
     until = [until] if isinstance(until, str) else list(until)
-    configured = reference.model.generation_config.eos_token_id
-    eos = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
-    eos.discard(None)
-    gap = text_choice_gap(reference.model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), prompt, theirs,
+    gap = text_choice_gap(reference.model, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), list(prompt), theirs,
                           ours, until, eos)
     if gap is None:
         return {"near_tie": False, "how": "our text does not leave hf's tokens"}
