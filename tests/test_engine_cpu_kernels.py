@@ -189,3 +189,7 @@ def test_speed_probe_runs_with_the_configured_engines_kernels() -> None:
     reference = probe_kernels(load_experiment(default, Overrides(engine="hf")), model)
     assert ours.description.startswith("onednn linear; fused Gemma3MLP(gelu); packed weights (") and ours.swaps
     assert reference.swaps == [] and reference.description == "torch (cpu_kernels=false)"
+    # With the run's engine at hand, the probe takes its kernels: the weights are not packed twice.
+    engine = BenchEngineLM(model=model, tokenizer=make_tokenizer(), batch_size=4)
+    experiment = load_experiment(default, Overrides(engine="benchharness"))
+    assert probe_kernels(experiment, model, engine) is engine.kernels

@@ -48,6 +48,7 @@ from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, gener
 from benchharness.engine.prompt_lookup import LookupPlan, plan_lookup
 from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
 from benchharness.engine.generation import DecodeSettings
+from benchharness.engine.cpu_kernels import CpuKernels
 from benchharness.engine.head import SplitModel, split_model
 from benchharness.engine.path_check import check_engine_path
 from benchharness.engine.reasoning import Markers, opens_block, strip_reasoning
@@ -233,6 +234,11 @@ class BenchEngineLM(TemplateLM):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def kernels(self) -> CpuKernels:
+        """The CPU kernels the engine runs its model with (cpu_kernels.py), packed weights included."""
+        return self._split.kernels
 
     @property
     def eot_token_id(self) -> int:

@@ -450,7 +450,7 @@ def _evaluate_model(
         # Data-parallel: rank 0 probes while the others wait, so the probe has the device to itself.
         if main:
             log.info("%s: speed probe %s", entry.name, experiment.speed.model_dump())
-            with probe_kernels(experiment, model).applied():
+            with probe_kernels(experiment, model, lm).applied():
                 probe = run_speed_probe(model, tokenizer, experiment.speed, device, limits=limits, model_name=entry.name, origin=entry.origin)
                 probe += serve_rows(experiment.engine, experiment.speed, model, tokenizer, device, limits, entry.name, entry.origin)
             yield ModelUpdate(entry.name, speed_rows=[row.to_dict() for row in probe])
@@ -571,12 +571,15 @@ def certify_tasks(reference: Any, results: dict[str, Any], experiment: Experimen
     return records
 
 
-def probe_kernels(experiment: Experiment, model: Any) -> Any:
+def probe_kernels(experiment: Experiment, model: Any, lm: Any = None) -> Any:
     """The kernels the speed probe runs the model with: the benchharness engine's fp32 CPU
     kernels (engine/cpu_kernels.py) when that is the engine, so the probe measures the model as
-    the run computes it; torch's own under `engine: hf`."""
+    the run computes it (the engine `lm`'s own where given: its packed weights are not packed a
+    second time); torch's own under `engine: hf`."""
     from benchharness.engine.cpu_kernels import plan_cpu_kernels
 
+    if experiment.engine == "benchharness" and hasattr(lm, "kernels"):
+        return lm.kernels
     return plan_cpu_kernels(model, enabled=experiment.engine == "benchharness")
 
 
