@@ -15,25 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-
-def best_seconds(call, repeats: int) -> float:
-    call()
-    start = time.perf_counter()
-    call()
-    inner = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            call()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best
+from best_time import best_seconds  # benchmarks/, beside this script
 
 
 def main() -> None:

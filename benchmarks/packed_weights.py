@@ -13,29 +13,15 @@ peak measured in the same run (2048^3, each kernel, the fastest counts).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import transformers
 
+from best_time import best_seconds  # benchmarks/, beside this script
+
 from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_pack
 from benchharness.measure.limits import matmul_kernels, measure_matmul_flops
-
-
-def best_seconds(call, repeats: int) -> float:
-    """The fastest of `repeats` timed batches of calls (about 0.2 s each), per call."""
-    call()
-    start = time.perf_counter()
-    call()
-    inner = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            call()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best
 
 
 def main() -> None:

@@ -1,0 +1,22 @@
+"""The fastest of several timed batches of calls: for kernel benchmarks that compare two ways
+of computing one thing on a machine whose speed drifts (interference only slows a batch down)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Seconds per call: the fastest of `repeats` timed batches of calls (about 0.2 s each)."""
+    call()
+    start = time.perf_counter()
+    call()
+    inner = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            call()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
