@@ -74,3 +74,33 @@ def test_a_number_or_a_gpu_keeps_lm_evals_own_choice(tiny_model_dir: Path) -> No
     lm = ReferenceLM(model, tokenizer, 3, "cpu")
     lm.loglikelihood(_requests(), disable_tqdm=True)
     assert lm.batch_choices == [] and lm.batch_info() == {"engine": "hf", "batch_size": 3, "budget_method": "configured"}
+
+
+def test_recorded_hf_outputs_end_at_the_config_or_the_tokenizer_eos_and_the_recorder_is_removed() -> None:
+    import transformers
+    from test_engine_support import make_model, make_tokenizer
+
+    from benchharness.engine.reference import recorded_generations, stop_token_ids
+
+    tokenizer = make_tokenizer()
+    model = make_model("llama", len(tokenizer))
+    model.generation_config.eos_token_id = [5, 7]
+    assert stop_token_ids(model, tokenizer) == {5, 7, tokenizer.eos_token_id}
+    model.generation_config = transformers.GenerationConfig()  # no EOS configured: the tokenizer's alone
+    assert stop_token_ids(model, tokenizer) == {tokenizer.eos_token_id}
+
+    hflm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    prompts = ["one two three four", "the cat sells eggs"]
+    requests = [Instance("generate_until", {}, (p, {"until": [], "do_sample": False, "max_gen_toks": 8}), i)
+                for i, p in enumerate(prompts)]
+    with recorded_generations(hflm, frozenset()) as everything:
+        texts = hflm.generate_until(requests)
+    assert "_model_generate" not in hflm.__dict__  # the recorder is gone after the block
+    assert set(everything) == {tuple(hflm.tok_encode(p)) for p in prompts}
+    for prompt, text in zip(prompts, texts, strict=True):
+        tokens = everything[tuple(hflm.tok_encode(prompt))]
+        assert len(tokens) == 8 and tokenizer.decode(tokens) == text
+        # Cut after the first stop id: with the first generated token as one, that token alone.
+        with recorded_generations(hflm, frozenset({tokens[0]})) as cut:
+            hflm.generate_until([requests[prompts.index(prompt)]])
+        assert cut[tuple(hflm.tok_encode(prompt))] == tokens[:1]
