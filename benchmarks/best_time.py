@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from benchharness.measure.timing import repeat_timed
+
 
 def best_seconds(call: Callable[[], object], repeats: int) -> float:
     """Seconds per call: the fastest of `repeats` timed batches of calls (about 0.2 s each)."""
@@ -13,10 +15,9 @@ def best_seconds(call: Callable[[], object], repeats: int) -> float:
     start = time.perf_counter()
     call()
     inner = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def batch() -> None:
         for _ in range(inner):
             call()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best
+
+    return min(t.seconds for t in repeat_timed(batch, warmup=0, min_reps=repeats, min_seconds=0.0)) / inner

@@ -10,7 +10,8 @@ What torch runs for a transformers model on a CPU leaves speed behind in two pla
 - oneDNN given a plain weight reorders it into its blocked layout at every call, a pass over
   the weight that a decode step's few rows do not amortise. The weights are packed once
   (`onednn.onednn_pack`, a second copy of them in memory, where it fits `pack_budget_bytes`):
-  1.3-2x faster products at 4-35 rows, 5-10% at prefill sizes, and bit for bit the same outputs.
+  on Qwen2.5-0.5B's weights 1.4-2.8x faster products at 2-8 rows, 1.1-1.5x at 16-64, 3-5% at
+  prefill sizes (`benchmarks/packed_weights.py`), and bit for bit the same outputs from 2 rows.
 - transformers' SDPA attention copies the keys and values of grouped-query models once per query
   head whenever a step runs more than one token a row; `engine/attention.py` hands torch the
   grouped heads as they are, for the same outputs bit for bit.
@@ -197,10 +198,11 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | N
     ]
     weights = {id(m.weight): m.weight for m in linears}
     weights.update((id(getattr(m, p).weight), getattr(m, p).weight) for m, _ in mlps for p in _GATED_MLP_LINEARS)
-    size = sum(w.numel() * w.element_size() for w in weights.values() if _fast(w))
+    packable = [w for w in weights.values() if _fast(w)]
+    size = sum(w.numel() * w.element_size() for w in packable)
     budget = default_pack_budget() if pack_budget_bytes is None else pack_budget_bytes
     if size <= budget:
-        packs = PackedWeights(w for w in weights.values() if _fast(w))
+        packs = PackedWeights(packable)
         packing = f"packed weights ({size / 1e9:.2f} GB)"
     else:
         packs = PackedWeights()
