@@ -9,11 +9,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from test_engine_support import make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
+from test_engine_support import TEST_DEVICE, make_model, make_tokenizer, mmlu_docs, one_torch_thread  # noqa: F401  (a fixture)
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from benchharness.engine import BenchEngineLM, kv_slots
+from benchharness.engine import BenchEngineLM, attention, continuous, kv_slots
 from benchharness.engine.autobatch import CPU_TOKEN_BUDGET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,6 +60,37 @@ def test_refilled_slots_give_hflms_outputs_in_any_order_slot_count_and_chunk(arc
     reordered = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=3)
     assert reordered.generate_until(requests[::-1]) == reference[::-1]
     assert BenchEngineLM(model=model, tokenizer=tokenizer).generate_until(requests[::-1]) == reference[::-1]
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="decode steps skip padding with the CPU attention only")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_decode_steps_attend_in_row_groups_that_skip_padding_and_keep_hflms_outputs(arch, monkeypatch):
+    """Tiny models' heads price an attention call at more slots than their prompts have, so their
+    decode steps attend in one group; priced at nothing, every run of rows of one width is its own
+    group. Both give hf's outputs, and the groups read fewer cache slots."""
+    model, tokenizer = _ending_model(arch)
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW})
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(requests)
+    groups_made: list[int] = []
+    row_groups = attention.row_groups
+
+    def recording(first_visible: list[int], call_cost: int) -> list[tuple[int, int, int]]:
+        groups = row_groups(first_visible, call_cost)
+        groups_made.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(attention, "row_groups", recording)
+    reads = []
+    for cost in (10**9, 0):
+        monkeypatch.setattr(attention, "call_cost_slots", lambda kv_heads, head_dim, cost=cost: cost)
+        monkeypatch.setattr(continuous, "call_cost_slots", lambda kv_heads, head_dim, cost=cost: cost)
+        groups_made.clear()
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
+        assert engine.generate_until(requests) == reference, cost
+        assert engine.last_decode_counts.refills > 0
+        assert (max(groups_made) > 1) == (cost == 0), cost
+        reads.append(engine.stats.kv_slot_reads)
+    assert reads[1] < reads[0]
 
 
 def test_a_shared_few_shot_prefix_is_kept_across_refills():
@@ -151,6 +182,16 @@ def test_join_and_trim_keep_each_rows_keys_at_the_right_end():
     assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 4, 5], [1, 1, 1]]
 
 
+def test_a_join_places_rows_in_the_order_given_and_refuses_an_order_that_is_not_one():
+    a, b = _slot_cache(kv_slots.SlotLayer()), _slot_cache(kv_slots.SlotLayer())
+    a.update(torch.arange(2.0).reshape(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), 0)
+    b.update(torch.full((1, 1, 2, 1), 7.0), torch.zeros(1, 1, 2, 1), 0)
+    with pytest.raises(ValueError, match="each of the 3 rows once"):
+        kv_slots.join(a, 1, b, 2, order=[0, 0, 1])
+    assert kv_slots.join(a, 1, b, 2, order=[2, 0, 1]) == 2
+    assert a.layers[0].keys[:, 0, :, 0].tolist() == [[7, 7], [0, 0], [0, 1]]
+
+
 def test_fill_order_keeps_rows_in_place_and_fills_gaps_from_the_end():
     assert kv_slots.fill_order(6, [0, 2, 3, 5]) == [0, 5, 2, 3]  # rows 1 and 4 leave
     assert kv_slots.fill_order(5, [2, 3, 4]) == [4, 3, 2]  # rows 0 and 1 leave
@@ -228,9 +269,14 @@ def test_slot_buffers_hold_what_transformers_layers_hold_through_steps_leaves_tr
                     _stock_trim(layer, slots)
         if step % 11 == 5:  # newcomers join, shorter or longer than the running rows
             other, other_stock, other_slots = fresh(prefill=[2, 9, 40][step % 3], rows=2)
-            joined = kv_slots.join(cache, slots, other, other_slots)
+            total = len(cache.layers[0].keys) + 2
+            # the engine's widest-first order, here any permutation; or none: the rows one after the other
+            order = torch.randperm(total, generator=generator).tolist() if step % 2 else None
+            joined = kv_slots.join(cache, slots, other, other_slots, order=order)
             for layer, incoming in zip(stock, other_stock, strict=True):
                 _stock_join(layer, incoming, joined)
+                if order is not None:
+                    layer.batch_select_indices(torch.tensor(order))
             slots = joined
         for mine, theirs in zip(cache.layers, stock, strict=True):
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values), step

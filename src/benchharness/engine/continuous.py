@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from benchharness.engine import kv_slots
+from benchharness.engine.attention import call_cost_slots, slots_read
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
 from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
@@ -72,7 +73,7 @@ class DecodeCounts:
     decode_steps: int = 0  # forwards of one token per running row
     generated_tokens: int = 0
     decode_rows: int = 0  # running rows summed over decode steps (mean batch = decode_rows / decode_steps)
-    kv_slot_reads: int = 0  # rows x cache slots summed over decode steps: the keys and values each step reads
+    kv_slot_reads: int = 0  # cache slots each row's attention reads, summed over rows and decode steps
     decode_seconds: float = 0.0  # wall time of the decode steps (output layer, token choice, body), prefills excluded
     draft_steps: int = 0  # decode steps that ran prompt-lookup drafts (prompt_lookup.py)
     draft_tokens: int = 0  # draft tokens run
@@ -187,18 +188,32 @@ def _admission(pending: list[Prompt], free: int, chunk_tokens: int) -> list[Prom
     return take
 
 
+def _widest_first(mask: torch.Tensor) -> list[int]:
+    """Rows in the order of their first unmasked slot (widest first; ties keep their order), so that
+    rows of similar width are neighbours and the attention reads each run of them from its own
+    first slot on (attention.row_groups), not from the widest row's."""
+    first = mask.to(torch.uint8).argmax(dim=1).tolist()
+    return sorted(range(len(first)), key=first.__getitem__)
+
+
 def _join(running: _Running | None, prefill: _Prefill, rows: list[_Row]) -> _Running:
     assert prefill.hidden is not None
     if running is None:
         return _Running(rows, prefill.cache, prefill.mask, prefill.positions[:, -1], prefill.hidden)
-    slots = kv_slots.join(running.cache, running.slots, prefill.cache, prefill.mask.shape[1])
-    masks = [torch.nn.functional.pad(m, (slots - m.shape[1], 0)) for m in (running.mask, prefill.mask)]
+    slots = max(running.slots, int(prefill.mask.shape[1]))
+    mask = torch.cat([torch.nn.functional.pad(m, (slots - m.shape[1], 0)) for m in (running.mask, prefill.mask)], dim=0)
+    # The cache is written anew here anyway, so the rows take their widest-first places for free
+    # (a row's place in the batch does not change its output).
+    order = _widest_first(mask)
+    kv_slots.join(running.cache, running.slots, prefill.cache, prefill.mask.shape[1], order=order)
+    index = torch.tensor(order, dtype=torch.long, device=mask.device)
+    every = running.rows + rows
     return _Running(
-        running.rows + rows,
+        [every[b] for b in order],
         running.cache,
-        torch.cat(masks, dim=0),
-        torch.cat([running.positions, prefill.positions[:, -1]]),
-        torch.cat([running.hidden, prefill.hidden]),
+        mask.index_select(0, index),
+        torch.cat([running.positions, prefill.positions[:, -1]]).index_select(0, index),
+        torch.cat([running.hidden, prefill.hidden]).index_select(0, index),
     )
 
 
@@ -407,10 +422,15 @@ def _step(
     counts.draft_steps += width > 1
     counts.decode_rows += n
     counts.draft_tokens += sum(lengths)
-    counts.kv_slot_reads += n * running.slots
+    # Rows are kept widest first (_join), so each run of similar widths reads its own slots only.
     hidden = split.forward_body(
-        input_ids=ids, attention_mask=running.mask, position_ids=positions, past_key_values=running.cache, use_cache=True
+        skip_padding=True, input_ids=ids, attention_mask=running.mask, position_ids=positions, past_key_values=running.cache, use_cache=True
     ).last_hidden_state
+    if split.skips_padding:
+        first_visible = running.mask.to(torch.uint8).argmax(dim=1).tolist()
+        counts.kv_slot_reads += slots_read(first_visible, running.slots, call_cost_slots(*kv_slots.key_value_heads(split.text_config)))
+    else:
+        counts.kv_slot_reads += n * running.slots
     # The model's choice after each token that a draft token follows, as a one-token step makes it.
     checked = [(b, j) for b in range(n) for j in range(lengths[b])]
     choices: list[int] = []

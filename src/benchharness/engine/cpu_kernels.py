@@ -148,12 +148,14 @@ class CpuKernels:
     attention: bool = False  # grouped-query SDPA without key/value copies (attention.py)
 
     @contextmanager
-    def applied(self) -> Iterator[None]:
+    def applied(self, skip_padding: bool = False) -> Iterator[None]:
+        """The kernels swapped in for the length of the block; `skip_padding`: a decode step's rows
+        attend in groups that skip their left padding (attention.row_grouped_sdpa)."""
         for module, forward in self.swaps:
             module.forward = forward  # an instance attribute shadows the class's forward
         try:
             if self.attention:
-                with grouped_attention():
+                with grouped_attention(skip_padding):
                     yield
             else:
                 yield

@@ -62,10 +62,17 @@ class SplitModel:
         """Whether the decoder takes one mask per layer type (a dict) rather than one mask for all layers."""
         return bool(getattr(self.text_config, "layer_types", None))
 
-    def forward_body(self, **kwargs: Any) -> Any:
-        """The body's forward (its transformers output), with the engine's CPU kernels swapped in."""
-        with self.kernels.applied():
+    def forward_body(self, skip_padding: bool = False, **kwargs: Any) -> Any:
+        """The body's forward (its transformers output), with the engine's CPU kernels swapped in;
+        `skip_padding`: rows attend in groups that skip their left padding where `skips_padding`."""
+        with self.kernels.applied(skip_padding):
             return self.body(**kwargs)
+
+    @property
+    def skips_padding(self) -> bool:
+        """Whether `forward_body(skip_padding=True)` attends in row groups: the engine's CPU attention
+        is on and the model runs SDPA attention (attention.row_grouped_sdpa)."""
+        return self.kernels.attention and getattr(self.config, "_attn_implementation", None) == "sdpa"
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for hidden states of any leading shape, as the model's forward computes them."""

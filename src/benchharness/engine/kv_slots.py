@@ -82,10 +82,13 @@ class SlotLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         return self._append(key_states, value_states)
 
-    def hold_rows(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int = 0) -> None:
-        """Hold the rows of every (keys, values) in `parts`, one after the other, each right-aligned
-        in `width` slots, in new buffers with `room` + `spare_slots` free slots after them. The
-        slots left of a shorter part are zeros (masked, but the attention reads them)."""
+    def hold_rows(
+        self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, room: int = 0, order: Sequence[int] | None = None
+    ) -> None:
+        """Hold the rows of every (keys, values) in `parts`, one after the other (or row `order[i]`
+        of them at place i), each right-aligned in `width` slots, in new buffers with `room` +
+        `spare_slots` free slots after them. The slots left of a shorter part are zeros (masked,
+        but the attention reads them)."""
         for keys, _ in parts:
             if int(keys.shape[-2]) > width:
                 raise ValueError(f"a cache layer holds {keys.shape[-2]} slots, more than the {width} it should")
@@ -93,12 +96,21 @@ class SlotLayer(DynamicLayer):
         capacity = width + room + self.spare_slots
         # Values may have another head size than keys (DeepSeek's multi-head latent attention).
         buffers = tuple(t.new_empty((rows, t.shape[1], capacity, t.shape[3])) for t in parts[0])
+        if order is None:
+            order = range(rows)
+        elif sorted(order) != list(range(rows)):
+            raise ValueError(f"a row order must place each of the {rows} rows once")
+        places = [0] * rows  # places[source row]: where it goes
+        for place, source in enumerate(order):
+            places[source] = place
         row = 0
         for part in parts:
             n, length = int(part[0].shape[0]), int(part[0].shape[-2])
-            for buffer, states in zip(buffers, part, strict=True):
-                buffer[row : row + n, :, : width - length] = 0
-                buffer[row : row + n, :, width - length : width] = states
+            # Runs of rows that stay neighbours are written as slices (a row order is mostly such runs).
+            for start, stop, place in _runs(places[row : row + n]):
+                for buffer, states in zip(buffers, part, strict=True):
+                    buffer[place : place + stop - start, :, : width - length] = 0
+                    buffer[place : place + stop - start, :, width - length : width] = states[start:stop]
             row += n
         self._buffers, self._start, self._end = buffers, 0, width
         self._set_view()
@@ -139,6 +151,17 @@ class SlotLayer(DynamicLayer):
     def reset(self) -> None:
         self._buffers = None
         super().reset()
+
+
+def _runs(places: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`(start, stop, place)` for each run of consecutive rows whose places are consecutive too."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for row in range(1, len(places) + 1):
+        if row == len(places) or places[row] != places[row - 1] + 1:
+            runs.append((start, row, places[start]))
+            start = row
+    return runs
 
 
 class SlidingSlotLayer(SlotLayer, DynamicSlidingWindowLayer):
@@ -221,12 +244,14 @@ def _width(layer: DynamicLayer, slots: int) -> int:
     return slots
 
 
-def join(cache: DynamicCache, slots: int, other: DynamicCache, other_slots: int) -> int:
+def join(cache: DynamicCache, slots: int, other: DynamicCache, other_slots: int, order: Sequence[int] | None = None) -> int:
     """Append `other`'s rows to `cache` (in place); return the joined slot count.
 
     `slots` / `other_slots`: each cache's slot count (its attention mask's width). The shorter
     side is padded on the left (with zeros: masked, but read by the attention); the caller pads
-    its attention mask the same way. Both sides are written once, into a new buffer."""
+    its attention mask the same way. Both sides are written once, into a new buffer, in the
+    order `order` gives (`cache`'s rows, then `other`'s, numbered on: place i holds row
+    `order[i]`; None: that order)."""
     check_layers(cache)
     check_layers(other)
     joined = max(slots, other_slots)
@@ -235,7 +260,7 @@ def join(cache: DynamicCache, slots: int, other: DynamicCache, other_slots: int)
             continue  # a layer that shares another's keys (KV sharing) stores nothing
         if not (incoming.is_initialized and layer.is_initialized):
             raise UnsupportedCacheError("one batch's cache layer is empty where the other's is not")
-        layer.hold_rows([(layer.keys, layer.values), (incoming.keys, incoming.values)], _width(layer, joined))
+        layer.hold_rows([(layer.keys, layer.values), (incoming.keys, incoming.values)], _width(layer, joined), order=order)
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = joined
     return joined
@@ -257,10 +282,15 @@ def trim(cache: DynamicCache, slots: int, drop: int) -> int:
     return kept
 
 
-def bytes_per_token(text_config: object, dtype: torch.dtype) -> int:
-    """Keys and values of one token in every layer (sliding layers counted in full: an upper bound)."""
-    layers = int(text_config.num_hidden_layers)
+def key_value_heads(text_config: object) -> tuple[int, int]:
+    """The cache's key/value heads of a layer, and their size."""
     heads = int(getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads)
     head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // int(text_config.num_attention_heads)
+    return heads, int(head_dim)
+
+
+def bytes_per_token(text_config: object, dtype: torch.dtype) -> int:
+    """Keys and values of one token in every layer (sliding layers counted in full: an upper bound)."""
+    heads, head_dim = key_value_heads(text_config)
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * layers * heads * int(head_dim) * element
+    return 2 * int(text_config.num_hidden_layers) * heads * head_dim * element
