@@ -23,8 +23,9 @@ own left padding masked: on a HumanEval run of Qwen2.5-Coder-0.5B at 64 rows the
 tokens fill 39% of the cache width. For decode steps (`forward_body(skip_padding=True)`),
 `row_grouped_sdpa` attends runs of neighbouring rows of similar width in one call each, from
 their own first visible slot (`row_groups`; the engine keeps rows widest first, so a few groups
-cover the batch): that run read 48% of the slots it read before, and the decode steps' attention
-at those shapes takes 1.4-1.6x less time (`benchmarks/padded_attention.py`). The result is the
+cover the batch): that run read 48% of the slots it read before, the attention alone of such
+steps takes 1.4-1.6x less time at 32-64 rows (`benchmarks/padded_attention.py`), and the run's
+decode steps took 76-79 s against 81 (two runs each, alternating). The result is the
 same attention up to float rounding (the kernel's sums run over other spans), which is why
 prefills and scoring passes, left-padded batches of similar lengths, do not take it.
 """

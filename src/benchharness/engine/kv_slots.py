@@ -5,7 +5,8 @@ in `transformers.generate`.
 Each row's tokens sit contiguously at the right end of the cache (left padding only,
 or padding between a shared prefix and the row's rest), so a sliding window measured
 in cache slots is measured in tokens, as transformers measures it. Rows join by
-writing both sides, left-padded to one width, into a new buffer; when rows leave, rows
+writing both sides, left-padded to one width, into a new buffer (in the order the caller
+gives: the engine keeps rows widest first); when rows leave, rows
 from the end of the batch take their places (`fill_order`), so only those are copied;
 slots that every remaining row masks are dropped from the left by narrowing the view.
 
