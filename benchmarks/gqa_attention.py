@@ -14,13 +14,13 @@ differs per row, causal within the step's tokens.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from best_time import best_seconds  # benchmarks/, beside this script
+from attention_heads import attention_heads  # benchmarks/, beside this script
+from best_time import best_seconds
 
 
 def main() -> None:
@@ -32,10 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = json.loads((args.model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
-    dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    heads, kv_heads, dim = attention_heads(args.model_dir)
     groups = heads // kv_heads
     print(f"{args.model_dir.name}: {heads} query heads over {kv_heads} key/value heads of {dim}; {torch.get_num_threads()} torch threads")
     print("| rows x queries x slots | repeated kv ms/layer | grouped ms/layer | repeated / grouped | same output |")
