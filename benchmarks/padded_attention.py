@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from benchharness.engine.attention import _padded_rows, row_grouped_sdpa
+from benchharness.engine.attention import _padded_rows, row_grouped_sdpa, slots_read
 from attention_heads import attention_heads  # benchmarks/, beside this script
 from best_time import best_seconds
 
@@ -86,7 +86,7 @@ def main() -> None:
             ours = grouped(sorted_mask)
             turn[0] = len(caches) - 1
             difference = float((ours - whole()).abs().max())
-            read = sum((end - start) * (slots - first) for start, end, first in groups)
+            read = slots_read(first.tolist(), slots, kv_heads, dim)
             print(
                 f"| {shape} | {read / (rows * slots):.0%} | {1e3 * whole_s:.2f} | {1e3 * sorted_s:.2f} ({len(groups)}) | "
                 f"{whole_s / sorted_s:.2f}x | {1e3 * shuffled_s:.2f} ({shuffled_groups}) | {difference:.1e} |",

@@ -13,7 +13,7 @@ from test_engine_support import TEST_DEVICE, make_model, make_tokenizer, mmlu_do
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from benchharness.engine import BenchEngineLM, attention, continuous, kv_slots
+from benchharness.engine import BenchEngineLM, attention, kv_slots
 from benchharness.engine.autobatch import CPU_TOKEN_BUDGET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,7 +83,6 @@ def test_decode_steps_attend_in_row_groups_that_skip_padding_and_keep_hflms_outp
     reads = []
     for cost in (10**9, 0):
         monkeypatch.setattr(attention, "call_cost_slots", lambda kv_heads, head_dim, cost=cost: cost)
-        monkeypatch.setattr(continuous, "call_cost_slots", lambda kv_heads, head_dim, cost=cost: cost)
         groups_made.clear()
         engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
         assert engine.generate_until(requests) == reference, cost

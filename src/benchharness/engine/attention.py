@@ -114,9 +114,17 @@ def call_cost_slots(kv_heads: int, head_dim: int) -> int:
     return max(16, 32768 // (kv_heads * head_dim))
 
 
-def slots_read(first_visible: list[int], slots: int, call_cost: int) -> int:
-    """Cache slots the row groups of one decode step read, summed over its rows (`row_groups`)."""
-    return sum((end - start) * (slots - first) for start, end, first in row_groups(first_visible, call_cost))
+def first_visible(visible: torch.Tensor) -> list[int]:
+    """Per row of a [rows, slots] mask (nonzero: seen), its first seen slot (0 if none): where the
+    row's left padding ends."""
+    return visible.to(torch.uint8).argmax(dim=1).tolist()
+
+
+def slots_read(first_visible: list[int], slots: int, kv_heads: int, head_dim: int) -> int:
+    """Cache slots the row groups of one decode step read, summed over its rows (`row_groups`, at
+    the call cost of these heads)."""
+    groups = row_groups(first_visible, call_cost_slots(kv_heads, head_dim))
+    return sum((end - start) * (slots - first) for start, end, first in groups)
 
 
 def _padded_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> list[tuple[int, int, int]] | None:
@@ -135,8 +143,7 @@ def _padded_rows(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.T
     ):
         return None
     visible = attention_mask.any(dim=2).any(dim=1)  # [rows, slots]: slots some query of the row sees
-    first_visible = visible.to(torch.uint8).argmax(dim=1).tolist()  # the first of them (0 if none)
-    groups = row_groups(first_visible, call_cost_slots(int(key.shape[1]), int(key.shape[3])))
+    groups = row_groups(first_visible(visible), call_cost_slots(int(key.shape[1]), int(key.shape[3])))
     if len(groups) == 1 and groups[0][2] == 0:
         return None
     return groups

@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from benchharness.engine import kv_slots
-from benchharness.engine.attention import call_cost_slots, slots_read
+from benchharness.engine.attention import first_visible, slots_read
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
 from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
@@ -192,7 +192,7 @@ def _widest_first(mask: torch.Tensor) -> list[int]:
     """Rows in the order of their first unmasked slot (widest first; ties keep their order), so that
     rows of similar width are neighbours and the attention reads each run of them from its own
     first slot on (attention.row_groups), not from the widest row's."""
-    first = mask.to(torch.uint8).argmax(dim=1).tolist()
+    first = first_visible(mask)
     return sorted(range(len(first)), key=first.__getitem__)
 
 
@@ -427,8 +427,7 @@ def _step(
         skip_padding=True, input_ids=ids, attention_mask=running.mask, position_ids=positions, past_key_values=running.cache, use_cache=True
     ).last_hidden_state
     if split.skips_padding:
-        first_visible = running.mask.to(torch.uint8).argmax(dim=1).tolist()
-        counts.kv_slot_reads += slots_read(first_visible, running.slots, call_cost_slots(*kv_slots.key_value_heads(split.text_config)))
+        counts.kv_slot_reads += slots_read(first_visible(running.mask), running.slots, *kv_slots.key_value_heads(split.text_config))
     else:
         counts.kv_slot_reads += n * running.slots
     # The model's choice after each token that a draft token follows, as a one-token step makes it.
