@@ -92,8 +92,11 @@ def test_decode_steps_attend_in_row_groups_that_skip_padding_and_keep_hflms_outp
     assert reads[1] < reads[0]
 
 
-def test_a_shared_few_shot_prefix_is_kept_across_refills():
-    model, tokenizer = _ending_model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_shared_few_shot_prefix_is_kept_across_refills(arch):
+    # gemma3: the prefix is longer than its window of 6, so the rests prefill, and every row
+    # decodes, through the engine's own masks (the padding between prefix and rest is no token).
+    model, tokenizer = _ending_model(arch)
     shots = "".join(d["question"] + "\nAnswer: " + d["choices"][0] + "\n\n" for d in mmlu_docs(3, seed=5))
     requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=8, shots=shots)
     reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
@@ -104,6 +107,33 @@ def test_a_shared_few_shot_prefix_is_kept_across_refills():
     whole = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2, share_prefixes=False)
     assert whole.generate_until(requests) == reference
     assert engine.stats.prefill_tokens < 0.6 * whole.stats.prefill_tokens
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral", "gemma2"])
+@pytest.mark.parametrize("chunk_tokens", [1024, 12])
+def test_a_prefill_after_a_prefix_longer_than_the_window_gives_each_prompt_its_own_states(arch, chunk_tokens):
+    """Rests of 3-25 tokens, left-padded after a 40-token prefix (windows of 6-8): each row's last
+    hidden state is the one the model gives the prompt alone, whole or in chunks of a few columns
+    (the sliding layers keep each row's last window - 1 tokens between chunks)."""
+    from benchharness.engine.continuous import Prompt, _Prefill
+    from benchharness.engine.head import split_model
+    from benchharness.engine.scoring import run_prefix
+
+    model = make_model(arch, 400)
+    split = split_model(model)
+    generator = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 400, (40,), generator=generator).tolist()
+    rests = [torch.randint(3, 400, (n,), generator=generator).tolist() for n in (25, 3, 10)]
+    prefix = run_prefix(split, shared)
+    prompts = [Prompt(i, tuple(shared + rest), prefix) for i, rest in enumerate(rests)]
+    prefill = _Prefill(split, prompts, pad_token_id=0, chunk_tokens=chunk_tokens, windowed=True)
+    while not prefill.done:
+        prefill.step()
+    assert prefill.hidden is not None
+    with torch.inference_mode():
+        for b, prompt in enumerate(prompts):
+            alone = split.forward_body(input_ids=torch.tensor([prompt.tokens], device=TEST_DEVICE)).last_hidden_state[0, -1]
+            torch.testing.assert_close(prefill.hidden[b], alone, atol=2e-4, rtol=2e-4)
 
 
 def test_seeded_samples_do_not_depend_on_slots_or_order():
@@ -196,6 +226,30 @@ def test_fill_order_keeps_rows_in_place_and_fills_gaps_from_the_end():
     assert kv_slots.fill_order(5, [2, 3, 4]) == [4, 3, 2]  # rows 0 and 1 leave
     assert kv_slots.fill_order(4, [0, 1, 2]) == [0, 1, 2]  # the last row leaves
     assert kv_slots.fill_order(3, []) == []  # every row leaves
+
+
+def test_a_sliding_layer_holding_window_tokens_keeps_each_rows_last_window_minus_one_tokens():
+    # Window 4: each row needs its last 3 tokens. Row 0's sit in the last 3 slots; row 1's last 3
+    # span 5 slots (two masked slots between them, as rejected drafts leave); row 2 has 2 tokens.
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 1, 1]])
+    assert kv_slots.window_token_slots(mask, 4) == 5
+    assert kv_slots.window_token_slots(mask[[0, 2]], 4) == 3
+    assert kv_slots.window_token_slots(mask[[1]], 8) == 6  # fewer tokens than the window: all of them
+    assert kv_slots.window_token_slots(mask[[2]], 8) == 2
+    cache = _slot_cache(kv_slots.SlidingSlotLayer(sliding_window=4))
+    kv_slots.hold_window_tokens(cache)
+    cache.update(torch.arange(18.0).reshape(3, 1, 6, 1), torch.zeros(3, 1, 6, 1), 0)
+    assert kv_slots.sliding_slots(cache) == 6  # kept whole until trimmed (transformers' layer keeps 3)
+    kv_slots.keep_window_tokens(cache, mask)
+    assert cache.layers[0].keys[1, 0, :, 0].tolist() == [7, 8, 9, 10, 11]
+    # A join and a trim keep what the layer holds beyond window - 1.
+    incoming = _slot_cache(kv_slots.SlidingSlotLayer(sliding_window=4))
+    incoming.update(torch.ones(1, 1, 2, 1), torch.ones(1, 1, 2, 1), 0)
+    assert kv_slots.join(cache, 6, incoming, 2) == 6
+    assert kv_slots.sliding_slots(cache) == 5
+    assert cache.layers[0].keys[3, 0, :, 0].tolist() == [0, 0, 0, 1, 1]
+    kv_slots.trim(cache, 6, 2)
+    assert kv_slots.sliding_slots(cache) == 4
 
 
 def _stock_join(layer: DynamicLayer, incoming: DynamicLayer, joined: int) -> None:
@@ -358,8 +412,11 @@ def _oracle_index(references: dict[tuple[int, ...], list[int]], vocab: int, used
     return Oracle
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "qwen2-sliding", "mistral", "gemma2"])
 def test_prompt_lookup_drafts_keep_hflms_greedy_outputs(arch, monkeypatch):
+    # gemma3 / qwen2-sliding / mistral / gemma2: windows of 6-8 tokens, far shorter than the prompts,
+    # so rejected drafts leave masked slots inside the windows, which the engine's own masks must
+    # not count (mistral: every layer slides, one mask; gemma2: eager attention, additive masks).
     from benchharness.engine import continuous
 
     model, tokenizer = _ending_model(arch)
@@ -399,12 +456,22 @@ def test_prompt_lookup_drafts_keep_hflms_greedy_outputs(arch, monkeypatch):
 
 
 def test_prompt_lookup_is_off_where_drafts_could_change_outputs():
+    from benchharness.engine.generation import DecodeSettings
+    from benchharness.engine.head import split_model
+    from benchharness.engine.masks import takes_custom_masks
+    from benchharness.engine.prompt_lookup import plan_lookup
+
+    # Sliding windows take drafts only where the engine can build their masks itself.
     model, tokenizer = _ending_model("gemma3")
-    greedy = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=3)
-    engine = BenchEngineLM(model=model, tokenizer=tokenizer)
-    engine.generate_until(greedy)
-    assert engine.stats.draft_steps == 0
-    assert "sliding-window" in engine.batch_info["prompt_lookup"]["reason"]
+    split = split_model(model)
+    assert takes_custom_masks(split) == ""
+    model.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in takes_custom_masks(split)
+    model.config._attn_implementation = "sdpa"
+    greedy = DecodeSettings(max_new_tokens=MAX_NEW, stop_strings=(), eos_token_ids=frozenset({1}))
+    assert plan_lookup(greedy, 4, 24).draft_tokens == 4
+    off = plan_lookup(greedy, 4, 24, takes_custom_masks(split) or "no custom masks")
+    assert off.draft_tokens == 0 and off.reason == "sliding-window layers (no custom masks)"
     model, tokenizer = _ending_model("llama")
     sampled = BenchEngineLM(model=model, tokenizer=tokenizer)
     sampled.generate_until(_requests({"until": [], "do_sample": True, "temperature": 3.0, "max_gen_toks": MAX_NEW}, n=3))

@@ -9,7 +9,11 @@ join the running batch's cache
 (EOS, a stop string, the token limit) leave, and cache slots no row uses any more are
 dropped. Prompts that share a prefix (few-shot examples) are prefilled from the prefix's
 keys and values, run once. While few rows run, a greedy step may also carry each row's
-prompt-lookup draft (`prompt_lookup.py`), checked token by token against the model's argmax.
+prompt-lookup draft (`prompt_lookup.py`), checked token by token against the model's argmax;
+the draft tokens it rejects stay in the cache as masked slots, as does the padding between a
+shared prefix and a prompt's rest, so a model with sliding-window layers decodes (and
+prefills after a prefix) through the engine's own masks, which count a window in tokens
+(`masks.token_masks`).
 
 What a row computes depends only on its own tokens: the attention mask hides every
 other row and every padding slot, positions count the row's own tokens, and sampling
@@ -32,6 +36,7 @@ from benchharness.engine import kv_slots
 from benchharness.engine.attention import first_visible, slots_read
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
+from benchharness.engine.masks import takes_custom_masks, token_masks
 from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
 from benchharness.engine.reasoning import stops_answer
 from benchharness.engine.scoring import PrefixState
@@ -111,7 +116,7 @@ class _Running:
 class _Prefill:
     """Newcomers' prompts, left-padded into one batch and run chunk by chunk."""
 
-    def __init__(self, split: SplitModel, prompts: list[Prompt], pad_token_id: int, chunk_tokens: int) -> None:
+    def __init__(self, split: SplitModel, prompts: list[Prompt], pad_token_id: int, chunk_tokens: int, windowed: bool = False) -> None:
         self.split = split
         self.prompts = prompts
         prefix = prompts[0].prefix
@@ -138,6 +143,8 @@ class _Prefill:
             self.cache = kv_slots.new_cache(split.config)
         self.mask = mask
         self.shared = shared
+        # The padding between the prefix and a row's rest would shift a window counted in slots.
+        self.windowed = windowed and prefix is not None
         self.width = width
         self.done_columns = 0
         # Columns per chunk: the whole prompt batch when it fits the budget, else equal slices.
@@ -155,13 +162,20 @@ class _Prefill:
     def step(self) -> None:
         start = self.done_columns
         stop = min(self.width, start + self.chunk)
+        mask = self.mask[:, : self.shared + stop]
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] = mask
+        if self.windowed:
+            kv_slots.hold_window_tokens(self.cache)
+            attention_mask = token_masks(self.split, mask, stop - start, kv_slots.sliding_slots(self.cache) + stop - start)
         out = self.split.forward_body(
             input_ids=self.ids[:, start:stop],
-            attention_mask=self.mask[:, : self.shared + stop],
+            attention_mask=attention_mask,
             position_ids=self.positions[:, start:stop],
             past_key_values=self.cache,
             use_cache=True,
         ).last_hidden_state
+        if self.windowed:
+            kv_slots.keep_window_tokens(self.cache, mask)
         self.done_columns = stop
         if stop == self.width:
             self.hidden = out[:, -1]
@@ -269,6 +283,9 @@ def generate(
     prefill: _Prefill | None = None
     prefill_rows: list[_Row] = []
     drafting = lookup is not None and lookup.draft_tokens > 0  # rows keep an n-gram index
+    # Rejected drafts and shared prefixes leave masked slots between a row's tokens: sliding
+    # windows then attend through the engine's own masks, which count a window in tokens.
+    windowed = split.sliding_window is not None and not takes_custom_masks(split)
 
     def finish(row: _Row) -> None:
         results[row.prompt.index] = row.outputs
@@ -304,7 +321,7 @@ def generate(
             if free >= min(admit_at_least, len(pending)) or running is None:
                 take_prompts = _admission(pending, free, chunk_tokens)
                 del pending[: len(take_prompts)]
-                prefill = _Prefill(split, take_prompts, pad_token_id, chunk_tokens)
+                prefill = _Prefill(split, take_prompts, pad_token_id, chunk_tokens, windowed)
                 prefill_rows = [
                     _Row(
                         p,
@@ -358,7 +375,7 @@ def generate(
             next_tokens = next_tokens.index_select(0, _leave(running, len(rows), keep))
 
         drafts = _drafts(running, plan, settings, lookup)
-        _step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take)
+        _step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take, windowed)
         if not running.rows:
             running = None  # every row finished within its draft
         counts.decode_seconds += time.perf_counter() - step_started
@@ -399,11 +416,14 @@ def _step(
     pad_token_id: int,
     counts: DecodeCounts,
     take: Callable[[_Row, int], bool],
+    windowed: bool = False,
 ) -> None:
     """One decode step of every row's next token, followed by its draft (if any). The model's argmax
     after each token checks the draft token there; a row keeps its draft up to the first it
     disagrees with (outputs are those of one token per step), and the step's later slots of that
-    row are masked out of the cache. Rows that finish within their draft leave."""
+    row are masked out of the cache. Rows that finish within their draft leave.
+    `windowed`: sliding-window layers attend through the engine's masks, which count the window in
+    tokens, and keep the slots of each row's last window - 1 tokens (kv_slots.keep_window_tokens)."""
     n = len(running.rows)
     device = running.mask.device
     lengths = [len(d) for d in drafts]
@@ -422,9 +442,13 @@ def _step(
     counts.draft_steps += width > 1
     counts.decode_rows += n
     counts.draft_tokens += sum(lengths)
+    attention_mask: torch.Tensor | dict[str, torch.Tensor] = running.mask
+    if windowed:
+        kv_slots.hold_window_tokens(running.cache)
+        attention_mask = token_masks(split, running.mask, width, kv_slots.sliding_slots(running.cache) + width)
     # Rows are kept widest first (_join), so each run of similar widths reads its own slots only.
     hidden = split.forward_body(
-        skip_padding=True, input_ids=ids, attention_mask=running.mask, position_ids=positions, past_key_values=running.cache, use_cache=True
+        skip_padding=True, input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=running.cache, use_cache=True
     ).last_hidden_state
     if split.skips_padding:
         counts.kv_slot_reads += slots_read(first_visible(running.mask), running.slots, *kv_slots.key_value_heads(split.text_config))
@@ -457,6 +481,8 @@ def _step(
     columns = torch.arange(width, device=device)
     last_column = torch.tensor(last, device=device)
     running.mask[:, -width:] = (columns[None, :] <= last_column[:, None]).to(running.mask.dtype)
+    if windowed:
+        kv_slots.keep_window_tokens(running.cache, running.mask)
     every = torch.arange(n, device=device)
     running.positions = positions[every, last_column]
     running.hidden = hidden[every, last_column]

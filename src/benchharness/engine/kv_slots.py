@@ -2,13 +2,16 @@
 left-padded transformers `DynamicCache`, so the model's own attention and masks run as
 in `transformers.generate`.
 
-Each row's tokens sit contiguously at the right end of the cache (left padding only,
-or padding between a shared prefix and the row's rest), so a sliding window measured
-in cache slots is measured in tokens, as transformers measures it. Rows join by
+Each row's tokens sit at the right end of the cache (left padding, or padding between a
+shared prefix and the row's rest), so a sliding window measured in cache slots is measured
+in tokens, as transformers measures it, until drafts leave gaps (below). Rows join by
 writing both sides, left-padded to one width, into a new buffer (in the order the caller
 gives: the engine keeps rows widest first); when rows leave, rows
 from the end of the batch take their places (`fill_order`), so only those are copied;
 slots that every remaining row masks are dropped from the left by narrowing the view.
+Rejected prompt-lookup drafts leave masked slots between a row's tokens; the sliding layers
+then keep the slots of each row's last window - 1 tokens (`keep_window_tokens`), and the
+engine masks the window by tokens itself (`masks.token_masks`).
 
 The layers keep their keys and values in buffers with spare slots on the right, and a
 step writes its one new token into them: transformers' own dynamic layers concatenate
@@ -167,7 +170,13 @@ def _runs(places: Sequence[int]) -> list[tuple[int, int, int]]:
 
 class SlidingSlotLayer(SlotLayer, DynamicSlidingWindowLayer):
     """A sliding-window layer in buffers: it keeps the last `sliding_window - 1` slots, as
-    transformers' `DynamicSlidingWindowLayer` does, and rolls by narrowing its view."""
+    transformers' `DynamicSlidingWindowLayer` does, and rolls by narrowing its view.
+
+    With `holds_window_tokens` set (`hold_window_tokens`), it keeps every slot it is given until
+    `keep_window_tokens` trims it: where rows have masked slots between their tokens, their last
+    `sliding_window - 1` tokens can span more slots than that."""
+
+    holds_window_tokens: bool = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if self.record_past:
@@ -178,7 +187,7 @@ class SlidingSlotLayer(SlotLayer, DynamicSlidingWindowLayer):
         # The attention sees the stored window and the new tokens; then only the last window - 1 stay.
         full_keys, full_values = self._append(key_states, value_states)
         stored = self._end - self._start
-        if stored > self.sliding_window - 1:
+        if not self.holds_window_tokens and stored > self.sliding_window - 1:
             self.keep_last(self.sliding_window - 1)
         return full_keys, full_values
 
@@ -221,7 +230,9 @@ def fill_order(rows: int, kept: Sequence[int]) -> list[int]:
 
 def cache_from_prefix(config: object, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
     """A cache of the model's layer kinds holding one prefix (keys/values [1, heads, length, dim]) for
-    `batch` rows. The prefix must be shorter than any sliding window (the caller shares prefixes only then)."""
+    `batch` rows; a sliding layer holds the prefix's last window - 1 slots. Where the prefix is
+    longer than that, the rows' rests (left-padded after it) need the engine's own masks
+    (masks.token_masks), as the padding between would shift a window counted in slots."""
     cache = new_cache(config)
     check_layers(cache)
     if len(cache.layers) != len(layers):
@@ -231,18 +242,60 @@ def cache_from_prefix(config: object, layers: Sequence[tuple[torch.Tensor, torch
         keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
         layer.lazy_initialization(keys, values)
         if isinstance(layer, DynamicSlidingWindowLayer):
-            if length >= layer.sliding_window:
-                raise UnsupportedCacheError("a shared prefix must be shorter than the sliding window")
+            keep = min(length, layer.sliding_window - 1)
+            keys, values = keys[:, :, length - keep :], values[:, :, length - keep :]
             layer.cumulative_length = length
         layer.keys, layer.values = keys, values  # expanded, not copied: the first update copies
     return cache
 
 
 def _width(layer: DynamicLayer, slots: int) -> int:
-    """How many of `slots` cache slots the layer stores (a sliding layer keeps the last window - 1)."""
+    """How many of `slots` cache slots the layer stores: a sliding layer keeps the last window - 1,
+    or more where it holds its rows' window tokens (`hold_window_tokens`) and stores more now."""
     if isinstance(layer, DynamicSlidingWindowLayer):
-        return min(slots, layer.sliding_window - 1)
+        stored = int(layer.keys.shape[-2]) if layer.is_initialized else 0
+        return min(slots, max(layer.sliding_window - 1, stored))
     return slots
+
+
+def hold_window_tokens(cache: DynamicCache) -> None:
+    """Let the sliding layers of `cache` keep every slot until `keep_window_tokens` trims them (for
+    steps whose rows may leave masked slots between their tokens: rejected drafts)."""
+    for layer in cache.layers:
+        if isinstance(layer, SlidingSlotLayer):
+            layer.holds_window_tokens = True
+
+
+def window_token_slots(mask: torch.Tensor, window: int) -> int:
+    """The last slots that hold every row's last `window - 1` tokens (`mask`: [rows, slots], 1 where a
+    slot holds a token of the row): what a sliding layer must keep for the next step's queries."""
+    if not mask.shape[0]:
+        return 0
+    from_right = mask.flip(-1).long().cumsum(-1)  # [rows, slots]: a row's tokens in its last 1, 2, ... slots
+    needed = from_right[:, -1:].clamp(max=window - 1)  # the row's last window - 1 tokens, or all it has
+    spans = (from_right < needed).sum(-1) + 1  # slots up to the first of them
+    return int(spans.max())
+
+
+def sliding_slots(cache: DynamicCache) -> int:
+    """How many slots the sliding layers of `cache` store (the same in each), 0 if none."""
+    stored = {int(layer.keys.shape[-2]) for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized}
+    if len(stored) > 1:
+        raise UnsupportedCacheError(f"sliding layers store different slot counts: {sorted(stored)}")
+    return stored.pop() if stored else 0
+
+
+def keep_window_tokens(cache: DynamicCache, mask: torch.Tensor) -> None:
+    """Trim each sliding layer of `cache` (whose slots are the last of `mask`'s) to the slots that
+    hold every row's last window - 1 tokens."""
+    spans: dict[int, int] = {}  # per window
+    for layer in cache.layers:
+        if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized:
+            if layer.sliding_window not in spans:
+                spans[layer.sliding_window] = window_token_slots(mask, layer.sliding_window)
+            keep = spans[layer.sliding_window]
+            if int(layer.keys.shape[-2]) > keep:
+                layer.keep_last(keep)
 
 
 def join(cache: DynamicCache, slots: int, other: DynamicCache, other_slots: int, order: Sequence[int] | None = None) -> int:
@@ -275,7 +328,7 @@ def trim(cache: DynamicCache, slots: int, drop: int) -> int:
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
-        width = _width(layer, kept)
+        width = min(kept, int(layer.keys.shape[-2]))
         if int(layer.keys.shape[-2]) > width:
             layer.keep_last(width)
         if isinstance(layer, DynamicSlidingWindowLayer):

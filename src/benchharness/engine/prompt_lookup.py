@@ -11,8 +11,8 @@ argmax), the step just yields more of them when the text repeats (code that rest
 signature, a sum that quotes the question's numbers).
 
 `NgramIndex` finds the draft in constant time per token; `plan_lookup` says whether drafts
-apply to a task (greedy, no history-dependent logits processors, no sliding-window layers)
-and, if not, why.
+apply to a task (greedy, no history-dependent logits processors, sliding-window layers only
+where the engine builds their masks: masks.token_masks) and, if not, why.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class LookupPlan:
         return max(0, min(self.draft_tokens, self.step_tokens // max(1, rows) - 1))
 
 
-def plan_lookup(settings: DecodeSettings, layer_kinds: frozenset[str], draft_tokens: int, step_tokens: int) -> LookupPlan:
-    """Whether prompt-lookup drafts apply to a task decoded with `settings` on a model with these layer kinds."""
+def plan_lookup(settings: DecodeSettings, draft_tokens: int, step_tokens: int, windows_unmasked: str = "") -> LookupPlan:
+    """Whether prompt-lookup drafts apply to a task decoded with `settings`. `windows_unmasked`: why
+    the engine cannot build the model's sliding-window masks itself ('' if it can, or no layer slides):
+    a rejected draft leaves a masked slot, and transformers' own masks count the window in slots."""
     reason = ""
     if draft_tokens <= 0:
         reason = "prompt_lookup_tokens=0"
@@ -50,9 +52,8 @@ def plan_lookup(settings: DecodeSettings, layer_kinds: frozenset[str], draft_tok
         reason = "sampling (drafts would change which random draws a row takes)"
     elif settings.needs_histories:
         reason = "repetition_penalty / no_repeat_ngram_size (their logits depend on every earlier token)"
-    elif "sliding_attention" in layer_kinds:
-        # A rejected draft leaves a masked slot in the cache; sliding windows count slots, not tokens.
-        reason = "sliding-window layers (the window counts cache slots, and rejected drafts leave masked ones)"
+    elif windows_unmasked:
+        reason = f"sliding-window layers ({windows_unmasked})"
     if reason:
         return LookupPlan(draft_tokens=0, step_tokens=step_tokens, reason=reason)
     return LookupPlan(draft_tokens=draft_tokens, step_tokens=step_tokens)

@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from benchharness.engine.batching import PackedRow
-from benchharness.engine.head import SplitModel, UnsupportedModelError
+from benchharness.engine.head import SplitModel
+from benchharness.engine.masks import model_masks
 
 # Scored rows per pass over the output layer (its weight is read once per pass),
 # vocabulary entries per output-layer product (256 x 4096 fp32 logits: 4 MB), and rows
@@ -77,41 +78,10 @@ def build_attention_masks(
     )
 
     masks = {"full_attention": full}
-    kinds = split.layer_kinds
-    if "sliding_attention" in kinds:
-        window = split.sliding_window
+    if split.sliding_window is not None:
         distance = query_positions[:, :, None] - key_positions[:, None, :]
-        masks["sliding_attention"] = full & (distance < window)
-    other = kinds - set(masks)
-    if other:
-        raise UnsupportedModelError(
-            f"{type(split.model).__name__}: layer types {sorted(other)} are not supported by the engine's "
-            "tree attention; use `engine: hf` for this model."
-        )
-    if not split.per_layer_masks:
-        # One mask for every layer: the full one, or the windowed one where all layers slide.
-        masks = {"full_attention": masks["sliding_attention" if "sliding_attention" in kinds else "full_attention"]}
-
-    # The decoder's own setting (a composite model may set one per part).
-    implementation = getattr(split.text_config, "_attn_implementation", "sdpa")
-    converted: dict[str, torch.Tensor] = {}
-    for name, mask in masks.items():
-        tensor = torch.from_numpy(mask).to(split.device)[:, None, :, :]
-        if implementation == "sdpa":
-            converted[name] = tensor
-        elif implementation == "eager":
-            minimum = torch.finfo(split.dtype).min
-            converted[name] = torch.zeros(tensor.shape, dtype=split.dtype, device=split.device).masked_fill(
-                ~tensor, minimum
-            )
-        else:
-            raise UnsupportedModelError(
-                f"attention implementation {implementation!r} takes no custom 4D mask; load the model with "
-                "attn_implementation='sdpa' (or 'eager') to use the benchharness engine."
-            )
-    if len(converted) == 1:
-        return converted["full_attention"]
-    return converted
+        masks["sliding_attention"] = full & (distance < split.sliding_window)
+    return model_masks(split, {name: torch.from_numpy(mask) for name, mask in masks.items()})
 
 
 def _is_chain(row: PackedRow) -> bool:
