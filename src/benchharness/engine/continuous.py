@@ -100,13 +100,15 @@ class _Row:
 @dataclass
 class _Running:
     """The rows decoding now: their cache, attention mask [rows, slots], last positions, and
-    the hidden state of each row's last token (the next logits come from it)."""
+    the hidden state of each row's last token (the next logits come from it). `logits`: those
+    next logits (processed), where a step with drafts computed them already."""
 
     rows: list[_Row]
     cache: DynamicCache
     mask: torch.Tensor
     positions: torch.Tensor
     hidden: torch.Tensor
+    logits: torch.Tensor | None = None
 
     @property
     def slots(self) -> int:
@@ -243,6 +245,8 @@ def _leave(running: _Running, rows: int, keep: list[int]) -> torch.Tensor:
     running.mask = running.mask.index_select(0, index)
     running.positions = running.positions.index_select(0, index)
     running.hidden = running.hidden.index_select(0, index)
+    if running.logits is not None:
+        running.logits = running.logits.index_select(0, index)
     unused = int((running.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # leading slots no row uses
     if unused:
         kv_slots.trim(running.cache, running.slots, unused)
@@ -348,12 +352,15 @@ def generate(
 
         step_started = time.perf_counter()
         rows = running.rows
-        logits = process_logits(
-            split.logits(running.hidden).float(),
-            settings,
-            [row.history for row in rows] if settings.needs_histories else [],  # type: ignore[misc]
-            [len(row.outputs) for row in rows],
-        )
+        if running.logits is not None:
+            logits, running.logits = running.logits, None  # the last step's pass over the output layer made them
+        else:
+            logits = process_logits(
+                split.logits(running.hidden).float(),
+                settings,
+                [row.history for row in rows] if settings.needs_histories else [],  # type: ignore[misc]
+                [len(row.outputs) for row in rows],
+            )
         if settings.do_sample:
             next_tokens = sample_tokens(logits, settings, [row.generator for row in rows])  # type: ignore[misc]
         else:
@@ -454,20 +461,26 @@ def _step(
         counts.kv_slot_reads += slots_read(first_visible(running.mask), running.slots, *kv_slots.key_value_heads(split.text_config))
     else:
         counts.kv_slot_reads += n * running.slots
-    # The model's choice after each token that a draft token follows, as a one-token step makes it.
-    checked = [(b, j) for b in range(n) for j in range(lengths[b])]
+    # With drafts: the model's choice after each token of the step, as a one-token step makes it
+    # (after a draft token's predecessor it checks that draft token), all in one pass over the
+    # output layer, whose weight (Gemma 3's 672 MB) a step of few rows mostly reads; the logits
+    # after each row's last kept token are then the next step's (no second pass).
+    run = [(b, j) for b in range(n) for j in range(lengths[b] + 1)] if width > 1 else []
+    starts = [0] * n  # per row: where its columns' choices start in `run`
+    for b in range(1, n):
+        starts[b] = starts[b - 1] + lengths[b - 1] + 1
     choices: list[int] = []
-    if checked:
-        at_rows = torch.tensor([b for b, _ in checked], device=device)
-        at_cols = torch.tensor([j for _, j in checked], device=device)
-        generated = [len(running.rows[b].outputs) + j for b, j in checked]
-        choices = process_logits(split.logits(hidden[at_rows, at_cols]).float(), settings, [], generated).argmax(dim=-1).tolist()
+    step_logits: torch.Tensor | None = None
+    if run:
+        at_rows = torch.tensor([b for b, _ in run], device=device)
+        at_cols = torch.tensor([j for _, j in run], device=device)
+        generated = [len(running.rows[b].outputs) + j for b, j in run]
+        step_logits = process_logits(split.logits(hidden[at_rows, at_cols]).float(), settings, [], generated)
+        choices = step_logits.argmax(dim=-1).tolist()
     keep: list[int] = []
     last: list[int] = []  # per row: the column of its last token kept
-    start = 0
     for b, row in enumerate(running.rows):
-        draft, mine = drafts[b], choices[start : start + lengths[b]]
-        start += lengths[b]
+        draft, mine = drafts[b], choices[starts[b] : starts[b] + lengths[b]]
         kept, finished = 0, False
         while kept < len(draft) and mine[kept] == draft[kept]:
             kept += 1
@@ -486,6 +499,8 @@ def _step(
     every = torch.arange(n, device=device)
     running.positions = positions[every, last_column]
     running.hidden = hidden[every, last_column]
+    if step_logits is not None:
+        running.logits = step_logits[torch.tensor([starts[b] + last[b] for b in range(n)], device=step_logits.device)]
     if not keep:
         running.rows = []
     elif len(keep) < n:
