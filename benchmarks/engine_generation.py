@@ -1,0 +1,72 @@
+"""One engine run of a harness generation task, for comparing two versions of the engine.
+
+It runs `BenchEngineLM.generate_token_ids` (harness defaults, 64 rows) on a task's requests
+(default `bh_gsm8k_cot`, first `--limit` items; `benchharness prepare` renders them) and prints
+one JSON line: wall seconds, the decode steps' seconds, prompt tokens prefilled (a shared
+prefix once), shared prefixes, decode steps, generated tokens, draft tokens kept / run, and a
+hash of the generated ids (equal hashes: identical outputs). The engine is whichever
+`benchharness` Python imports, so two checkouts compare by running this script alternately
+with each one's `src` first on `PYTHONPATH`, nothing else running (one process per run: the
+second run of a process would find the first's packed weights and warm allocator):
+
+    git worktree add /tmp/old COMMIT
+    for v in new old new old; do
+        PYTHONPATH=$([ $v = old ] && echo /tmp/old/src || echo src) \\
+            python benchmarks/engine_generation.py --model-dir PATH --label $v
+    done
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from task_requests import generate_requests  # benchmarks/, beside this script
+
+import benchharness
+from benchharness.engine import BenchEngineLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, type=Path, help="a converted model folder (`benchharness fetch NAME`)")
+    parser.add_argument("--task", default="bh_gsm8k_cot")
+    parser.add_argument("--limit", type=int, default=24, help="first N documents (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=None, help="the harness cache holding rendered tasks")
+    parser.add_argument("--label", default="", help="a name for this run in the output")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    requests = generate_requests(args.task, args.limit or None, args.cache)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64)
+    start = time.perf_counter()
+    ids = engine.generate_token_ids(requests)
+    seconds = time.perf_counter() - start
+    stats = engine.stats
+    print(json.dumps({
+        "label": args.label,
+        "engine": str(Path(benchharness.__file__).parent),
+        "task": args.task,
+        "requests": len(requests),
+        "seconds": round(seconds, 1),
+        "decode_seconds": round(stats.decode_seconds, 1),
+        "prefill_tokens": stats.prefill_tokens,
+        "prefixes": stats.generate_prefixes,
+        "decode_steps": stats.decode_steps,
+        "generated_tokens": stats.generated_tokens,
+        "drafts_kept_run": f"{stats.accepted_drafts}/{stats.draft_tokens}",
+        "outputs_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
