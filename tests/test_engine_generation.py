@@ -127,7 +127,7 @@ def test_prompts_sharing_few_shot_examples_run_them_once_with_hflms_outputs(arch
     if not shares:
         # Sliding windows whose masks the engine cannot build (say, flash attention on a GPU) share
         # no prefix longer than the window (6 here for Gemma; 8 for Mistral, every layer sliding).
-        monkeypatch.setattr(lm_module, "takes_custom_masks", lambda split: "no custom masks")
+        monkeypatch.setattr(lm_module, "windows_unmasked", lambda split: "no custom masks")
     engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size="auto")
     assert engine.generate_until(requests) == reference
     assert engine.stats.generate_prefixes == (1 if shares else 0)

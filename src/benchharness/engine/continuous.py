@@ -36,7 +36,7 @@ from benchharness.engine import kv_slots
 from benchharness.engine.attention import first_visible, slots_read
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
-from benchharness.engine.masks import takes_custom_masks, token_masks
+from benchharness.engine.masks import token_masks, windows_unmasked
 from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
 from benchharness.engine.reasoning import stops_answer
 from benchharness.engine.scoring import PrefixState
@@ -289,7 +289,7 @@ def generate(
     drafting = lookup is not None and lookup.draft_tokens > 0  # rows keep an n-gram index
     # Rejected drafts and shared prefixes leave masked slots between a row's tokens: sliding
     # windows then attend through the engine's own masks, which count a window in tokens.
-    windowed = split.sliding_window is not None and not takes_custom_masks(split)
+    windowed = split.sliding_window is not None and not windows_unmasked(split)
 
     def finish(row: _Row) -> None:
         results[row.prompt.index] = row.outputs

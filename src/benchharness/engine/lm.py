@@ -45,7 +45,7 @@ from benchharness.engine.batching import (
     strip_prefix,
 )
 from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, generate, plan_slots
-from benchharness.engine.masks import takes_custom_masks
+from benchharness.engine.masks import windows_unmasked
 from benchharness.engine.prompt_lookup import LookupPlan, plan_lookup
 from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
 from benchharness.engine.generation import DecodeSettings
@@ -522,7 +522,7 @@ class BenchEngineLM(TemplateLM):
 
         A group must fill at least half a decoding batch (or hold every prompt), since
         decoding costs about as much per step for a few rows as for a full batch. Models
-        with sliding-window layers whose masks the engine cannot build (masks.takes_custom_masks)
+        with sliding-window layers whose masks the engine cannot build (masks.windows_unmasked)
         share only when no sequence can outgrow the window: transformers measures the window
         in cache slots, and the padding that sits between the prefix and a prompt's rest
         would shift them; the engine's own masks count it in tokens.
@@ -534,9 +534,8 @@ class BenchEngineLM(TemplateLM):
         groups, alone = prefix_groups(
             [prompts[i] for i in indices], [1] * len(indices), _MIN_SHARED_PREFIX, min_group_tokens=min_members
         )
-        window = self._split.sliding_window
         longest = max(len(p) for p in prompts.values())
-        if window is not None and longest + max_new > window and takes_custom_masks(self._split):
+        if windows_unmasked(self._split) and longest + max_new > (self._split.sliding_window or 0):
             return [(None, indices)]
         work: list[tuple[tuple[int, ...] | None, list[int]]] = []
         if alone:
@@ -610,8 +609,7 @@ class BenchEngineLM(TemplateLM):
             if not self._continuous and plan.refill:
                 plan = replace(plan, refill=False, reason="continuous_batching=false")
             self.generation_plan = plan
-            windows_unmasked = takes_custom_masks(self._split) if self._split.sliding_window is not None else ""
-            lookup = plan_lookup(settings, self._lookup_tokens, self._lookup_step_tokens, windows_unmasked)
+            lookup = plan_lookup(settings, self._lookup_tokens, self._lookup_step_tokens, windows_unmasked(self._split))
             self.lookup_plan = lookup
             found, counts = generate(
                 self._split,

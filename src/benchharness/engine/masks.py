@@ -31,13 +31,22 @@ def takes_custom_masks(split: SplitModel) -> str:
     return ""
 
 
+def windows_unmasked(split: SplitModel) -> str:
+    """Why the engine cannot count the model's sliding windows in tokens with its own masks ('' if
+    it can, or no layer slides): drafts and long shared prefixes then stay off for it."""
+    return takes_custom_masks(split) if split.sliding_window is not None else ""
+
+
 def model_masks(split: SplitModel, masks: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
     """`masks`: boolean [rows, queries, keys] per layer type ("full_attention", and
     "sliding_attention" where layers slide; True: the query sees the key). Returns the model's
     `attention_mask` argument: one 4-D mask, or a dict of them for a decoder with per-layer types."""
     why = takes_custom_masks(split)
     if why:
-        raise UnsupportedModelError(f"{type(split.model).__name__}: {why}; use `engine: hf` for this model.")
+        raise UnsupportedModelError(
+            f"{type(split.model).__name__}: {why}; load the model with attn_implementation='sdpa' (or 'eager'), "
+            "or use `engine: hf` for this model."
+        )
     if not split.per_layer_masks:
         # One mask for every layer: the full one, or the windowed one where all layers slide.
         masks = {"full_attention": masks["sliding_attention" if "sliding_attention" in split.layer_kinds else "full_attention"]}
