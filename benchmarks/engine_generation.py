@@ -4,7 +4,9 @@ It runs `BenchEngineLM.generate_token_ids` (harness defaults, 64 rows) on a task
 (default `bh_gsm8k_cot`, first `--limit` items; `benchharness prepare` renders them) and prints
 one JSON line: wall seconds, the decode steps' seconds, prompt tokens prefilled (a shared
 prefix once), shared prefixes, decode steps, generated tokens, draft tokens kept / run, and a
-hash of the generated ids (equal hashes: identical outputs). The engine is whichever
+hash of the generated ids (equal hashes: identical outputs). `--engine-arg NAME=VALUE` sets an
+engine argument (`cascade_prefixes=false`: the same engine with each row's own copy of a shared
+prefix), so one checkout compares two settings the same way. The engine is whichever
 `benchharness` Python imports, so two checkouts compare by running this script alternately
 with each one's `src` first on `PYTHONPATH`, nothing else running (one process per run: the
 second run of a process would find the first's packed weights and warm allocator):
@@ -41,19 +43,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None, help="the harness cache holding rendered tasks")
     parser.add_argument("--label", default="", help="a name for this run in the output")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="an engine argument, as in lm-eval's --model_args (e.g. cascade_prefixes=false); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     requests = generate_requests(args.task, args.limit or None, args.cache)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
-    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64)
+    engine_args = dict(item.split("=", 1) for item in args.engine_arg)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64, **engine_args)
     start = time.perf_counter()
     ids = engine.generate_token_ids(requests)
     seconds = time.perf_counter() - start
     stats = engine.stats
     print(json.dumps({
         "label": args.label,
+        "engine_args": engine_args,
         "engine": str(Path(benchharness.__file__).parent),
         "task": args.task,
         "requests": len(requests),
@@ -62,6 +68,7 @@ def main() -> None:
         "prefill_tokens": stats.prefill_tokens,
         "prefixes": stats.generate_prefixes,
         "decode_steps": stats.decode_steps,
+        "kv_slot_reads": stats.kv_slot_reads,
         "generated_tokens": stats.generated_tokens,
         "drafts_kept_run": f"{stats.accepted_drafts}/{stats.draft_tokens}",
         "outputs_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12],

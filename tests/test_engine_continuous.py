@@ -93,17 +93,27 @@ def test_decode_steps_attend_in_row_groups_that_skip_padding_and_keep_hflms_outp
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_a_shared_few_shot_prefix_is_kept_across_refills(arch):
+@pytest.mark.parametrize("cascades", [True, False])
+def test_a_shared_few_shot_prefix_is_kept_across_refills(arch, cascades):
     # gemma3: the prefix is longer than its window of 6, so the rests prefill, and every row
     # decodes, through the engine's own masks (the padding between prefix and rest is no token).
+    # cascades: the prefix is held once and every row's attention reads it (cascade.py); else
+    # each row's cache holds a copy.
     model, tokenizer = _ending_model(arch)
     shots = "".join(d["question"] + "\nAnswer: " + d["choices"][0] + "\n\n" for d in mmlu_docs(3, seed=5))
     requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=8, shots=shots)
     reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).generate_until(requests)
-    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2, cascade_prefixes=cascades)
     assert engine.generate_until(requests) == reference
     assert engine.stats.generate_prefixes == 1
     assert engine.last_decode_counts.refills > 0
+    assert engine.stats.draft_steps > 0
+    held = engine.batch_info["shared_prefix_attention"]
+    assert held == ("cascade" if cascades else "copied per row: cascade_prefixes=false")
+    other = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2, cascade_prefixes=not cascades)
+    assert other.generate_until(requests) == reference
+    # Held once, the prefix is read once per step for both rows, not once per row.
+    assert (engine.stats.kv_slot_reads < other.stats.kv_slot_reads) == cascades
     whole = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=2, share_prefixes=False)
     assert whole.generate_until(requests) == reference
     assert engine.stats.prefill_tokens < 0.6 * whole.stats.prefill_tokens

@@ -40,6 +40,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from benchharness.engine import cascade
+
 def _takes_grouped_heads(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
     return (
         getattr(module, "num_key_value_groups", 1) > 1
@@ -160,7 +162,11 @@ def grouped_sdpa(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention with grouped key/value heads passed to torch as they are."""
+    """transformers' SDPA attention with grouped key/value heads passed to torch as they are (and
+    over the rows' shared prefixes too, where the engine passes them: cascade.py)."""
+    prefixes = kwargs.pop(cascade.KWARG, None)
+    if prefixes is not None:
+        return _cascade(module, query, key, value, attention_mask, scaling, is_causal, kwargs, prefixes, skip_padding=False), None
     return _attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs), None
 
 
@@ -178,6 +184,9 @@ def row_grouped_sdpa(
     """`grouped_sdpa`, with the rows of a left-padded batch in groups that skip the padding
     (`row_groups`). The same attention up to float rounding: the kernel's sums run over other
     spans, so the engine uses it for decode steps only (`grouped_attention`), where it pays."""
+    prefixes = kwargs.pop(cascade.KWARG, None)
+    if prefixes is not None:
+        return _cascade(module, query, key, value, attention_mask, scaling, is_causal, kwargs, prefixes, skip_padding=True), None
     groups = _padded_rows(query, key, attention_mask, kwargs)
     if groups is None:
         return _attend(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs), None
@@ -197,6 +206,48 @@ def row_grouped_sdpa(
         for start, end, first in groups
     ]
     return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
+
+
+def _cascade(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict[str, Any],
+    prefixes: cascade.SharedPrefixes,
+    skip_padding: bool,
+) -> torch.Tensor:
+    """The attention over the rows' own slots (in row groups that skip padding, with `skip_padding`)
+    merged with their shared prefixes' (cascade.py); [batch, query tokens, heads, head dim]."""
+    unsupported = [name for name in ("position_bias", "cache", "softcap", "s_aux") if kwargs.get(name) is not None]
+    if kwargs.get("output_attentions"):
+        unsupported.append("output_attentions")
+    if query.device.type != "cpu" or unsupported or (attention_mask is not None and attention_mask.dtype != torch.bool):
+        raise NotImplementedError(
+            f"cascade attention takes boolean masks on the CPU without {unsupported or 'extra options'} "
+            f"(device {query.device.type}, mask {None if attention_mask is None else attention_mask.dtype})"
+        )
+    causal = False
+    if attention_mask is None:  # as sdpa_attention_forward decides it
+        causal = query.shape[2] > 1 and bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        if causal and key.shape[2] > query.shape[2]:
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    groups = _padded_rows(query, key, attention_mask, kwargs) if skip_padding else None
+    if groups is None:
+        out, lse = cascade.attend_with_lse(query, key, value, attention_mask, scaling, causal)
+    else:
+        assert attention_mask is not None
+        parts = [
+            cascade.attend_with_lse(query[s:e], key[s:e, :, f:], value[s:e, :, f:], attention_mask[s:e, :, :, f:], scaling, False)
+            for s, e, f in groups
+        ]
+        out, lse = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    out = cascade.merge_prefixes(module, query, out, lse, prefixes, scaling, window)
+    return out.transpose(1, 2).contiguous()
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
-from benchharness.engine import kv_slots
+from benchharness.engine import cascade, kv_slots
 from benchharness.engine.attention import first_visible, slots_read
 from benchharness.engine.generation import DecodeSettings, process_logits, sample_tokens, sequence_generator
 from benchharness.engine.head import SplitModel
@@ -118,7 +118,9 @@ class _Running:
 class _Prefill:
     """Newcomers' prompts, left-padded into one batch and run chunk by chunk."""
 
-    def __init__(self, split: SplitModel, prompts: list[Prompt], pad_token_id: int, chunk_tokens: int, windowed: bool = False) -> None:
+    def __init__(
+        self, split: SplitModel, prompts: list[Prompt], pad_token_id: int, chunk_tokens: int, windowed: bool = False, cascades: bool = False
+    ) -> None:
         self.split = split
         self.prompts = prompts
         prefix = prompts[0].prefix
@@ -138,15 +140,18 @@ class _Prefill:
         # As transformers.generate: positions count real tokens; padding gets position 0 (masked anyway).
         self.positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + shared).to(device)
         mask = mask.to(device)
-        if prefix is not None:
+        # With `cascades`, the cache holds the rests only and the attention reads the prefix once
+        # for all rows (cascade.py); else each row's cache starts with a copy of it.
+        self.prefix = prefix if cascades else None
+        if prefix is not None and not cascades:
             self.cache = kv_slots.cache_from_prefix(split.config, prefix.layers, n)
             mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
         else:
             self.cache = kv_slots.new_cache(split.config)
         self.mask = mask
-        self.shared = shared
-        # The padding between the prefix and a row's rest would shift a window counted in slots.
-        self.windowed = windowed and prefix is not None
+        self.before = int(mask.shape[1]) - width  # mask columns before the rests (a copied prefix)
+        # The padding between a copied prefix and a row's rest would shift a window counted in slots.
+        self.windowed = windowed and self.before > 0
         self.width = width
         self.done_columns = 0
         # Columns per chunk: the whole prompt batch when it fits the budget, else equal slices.
@@ -164,18 +169,25 @@ class _Prefill:
     def step(self) -> None:
         start = self.done_columns
         stop = min(self.width, start + self.chunk)
-        mask = self.mask[:, : self.shared + stop]
+        mask = self.mask[:, : self.before + stop]
         attention_mask: torch.Tensor | dict[str, torch.Tensor] = mask
         if self.windowed:
             kv_slots.hold_window_tokens(self.cache)
             attention_mask = token_masks(self.split, mask, stop - start, kv_slots.sliding_slots(self.cache) + stop - start)
+        positions = self.positions[:, start:stop]
+        prefixes = None
+        if self.prefix is not None:
+            prefixes = cascade.SharedPrefixes([cascade.PrefixGroup(self.prefix.layers, None)], positions)
         out = self.split.forward_body(
             input_ids=self.ids[:, start:stop],
             attention_mask=attention_mask,
-            position_ids=self.positions[:, start:stop],
+            position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
+            **({} if prefixes is None else {cascade.KWARG: prefixes}),
         ).last_hidden_state
+        if prefixes is not None:
+            prefixes.check_taken(len(prefixes.groups[0].layers))
         if self.windowed:
             kv_slots.keep_window_tokens(self.cache, mask)
         self.done_columns = stop
@@ -266,6 +278,7 @@ def generate(
     admit_at_least: int = 1,
     on_finish: Callable[[int, list[int]], None] | None = None,
     lookup: LookupPlan | None = None,
+    cascades: bool = False,
 ) -> tuple[dict[int, list[int]], DecodeCounts]:
     """Decode every prompt; return its new tokens (a final EOS included) by `Prompt.index`.
 
@@ -277,6 +290,8 @@ def generate(
     `on_finish(index, tokens)` is called as each request finishes.
     `lookup`: prompt-lookup drafts (prompt_lookup.py; None or 0 draft tokens: one token per
     row and step). Greedy outputs are the same either way.
+    `cascades`: rows keep only their own tokens in the cache and attend to their shared prefix's
+    keys and values held once (cascade.py; `cascade.cascade_reason` says where it can run).
     """
     device = split.device
     started = time.perf_counter()
@@ -325,7 +340,7 @@ def generate(
             if free >= min(admit_at_least, len(pending)) or running is None:
                 take_prompts = _admission(pending, free, chunk_tokens)
                 del pending[: len(take_prompts)]
-                prefill = _Prefill(split, take_prompts, pad_token_id, chunk_tokens, windowed)
+                prefill = _Prefill(split, take_prompts, pad_token_id, chunk_tokens, windowed, cascades)
                 prefill_rows = [
                     _Row(
                         p,
@@ -382,7 +397,7 @@ def generate(
             next_tokens = next_tokens.index_select(0, _leave(running, len(rows), keep))
 
         drafts = _drafts(running, plan, settings, lookup)
-        _step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take, windowed)
+        _step(split, settings, running, next_tokens, drafts, pad_token_id, counts, take, windowed, cascades)
         if not running.rows:
             running = None  # every row finished within its draft
         counts.decode_seconds += time.perf_counter() - step_started
@@ -424,13 +439,15 @@ def _step(
     counts: DecodeCounts,
     take: Callable[[_Row, int], bool],
     windowed: bool = False,
+    cascades: bool = False,
 ) -> None:
     """One decode step of every row's next token, followed by its draft (if any). The model's argmax
     after each token checks the draft token there; a row keeps its draft up to the first it
     disagrees with (outputs are those of one token per step), and the step's later slots of that
     row are masked out of the cache. Rows that finish within their draft leave.
     `windowed`: sliding-window layers attend through the engine's masks, which count the window in
-    tokens, and keep the slots of each row's last window - 1 tokens (kv_slots.keep_window_tokens)."""
+    tokens, and keep the slots of each row's last window - 1 tokens (kv_slots.keep_window_tokens).
+    `cascades`: rows attend to their shared prefixes held once (cascade.py)."""
     n = len(running.rows)
     device = running.mask.device
     lengths = [len(d) for d in drafts]
@@ -453,14 +470,24 @@ def _step(
     if windowed:
         kv_slots.hold_window_tokens(running.cache)
         attention_mask = token_masks(split, running.mask, width, kv_slots.sliding_slots(running.cache) + width)
+    prefixes = cascade.group_rows([row.prompt.prefix for row in running.rows], positions) if cascades else None
     # Rows are kept widest first (_join), so each run of similar widths reads its own slots only.
     hidden = split.forward_body(
-        skip_padding=True, input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=running.cache, use_cache=True
+        skip_padding=True,
+        input_ids=ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=running.cache,
+        use_cache=True,
+        **({} if prefixes is None else {cascade.KWARG: prefixes}),
     ).last_hidden_state
     if split.skips_padding:
         counts.kv_slot_reads += slots_read(first_visible(running.mask), running.slots, *kv_slots.key_value_heads(split.text_config))
     else:
         counts.kv_slot_reads += n * running.slots
+    if prefixes is not None:
+        prefixes.check_taken(len(prefixes.groups[0].layers))
+        counts.kv_slot_reads += sum(group.length for group in prefixes.groups)  # each read once for its rows
     # With drafts: the model's choice after each token of the step, as a one-token step makes it
     # (after a draft token's predecessor it checks that draft token), all in one pass over the
     # output layer, whose weight (Gemma 3's 672 MB) a step of few rows mostly reads; the logits

@@ -33,6 +33,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
+from benchharness.engine.cascade import cascade_reason
 from benchharness.engine.autobatch import BudgetChoice, find_token_budget
 from benchharness.engine.batching import (
     PackedRow,
@@ -120,6 +121,7 @@ class BenchEngineLM(TemplateLM):
         max_row_tokens: int | None = None,
         share_prefixes: bool = True,
         continuous_batching: bool = True,
+        cascade_prefixes: bool | str = True,
         cpu_kernels: bool = True,
         check_model: bool = True,
         kv_cache_bytes: int | None = None,
@@ -182,6 +184,8 @@ class BenchEngineLM(TemplateLM):
         self._share_prefixes = _as_bool("share_prefixes", share_prefixes)
         # false: a decoding batch runs to its end before the next is admitted (static batches), as a reference
         self._continuous = _as_bool("continuous_batching", continuous_batching)
+        # false: each decoding row keeps its own copy of a shared prefix (cascade.py), as a reference
+        self._cascade = _as_bool("cascade_prefixes", cascade_prefixes)
         self._budget: BudgetChoice | None = None
         if self._max_batch_tokens is not None:
             self._budget = BudgetChoice(token_budget=self._max_batch_tokens, method="given")
@@ -192,6 +196,7 @@ class BenchEngineLM(TemplateLM):
         self._lookup_step_tokens = _non_negative("lookup_step_tokens", lookup_step_tokens)
         self.generation_plan: SlotPlan | None = None
         self.lookup_plan: LookupPlan | None = None
+        self.cascade_note: str | None = None  # how generation held shared prefixes ('' : once, cascade.py)
         self.last_decode_counts: DecodeCounts | None = None
         # lm-eval's evaluator reads `batch_sizes` for its results config.
         self.batch_sizes: dict[int, int] = {}
@@ -288,6 +293,9 @@ class BenchEngineLM(TemplateLM):
             "kv_budget_bytes": self.kv_budget_bytes(),
             "generation": self.generation_plan.to_dict() if self.generation_plan else None,
             "prompt_lookup": self.lookup_plan.to_dict() if self.lookup_plan else None,
+            "shared_prefix_attention": (
+                None if self.cascade_note is None else ("cascade" if not self.cascade_note else f"copied per row: {self.cascade_note}")
+            ),
         }
 
     def reset_stats(self) -> None:
@@ -602,7 +610,12 @@ class BenchEngineLM(TemplateLM):
                 # Longest first: the long answers of long prompts start early, and prefills pad little.
                 queue.extend(Prompt(i, tuple(prompts[i]), prefix, starts_open=self._starts_open(requests[i].args[0]))
                              for i in sorted(members, key=lambda i: -len(prompts[i])))
-            longest = max(len(p) for p in prompts.values())
+            cascades = False
+            if any(p.prefix is not None for p in queue):
+                self.cascade_note = cascade_reason(self._split) if self._cascade else "cascade_prefixes=false"
+                cascades = not self.cascade_note
+            # A row's cache holds its prompt (its rest only, where the prefix is held once) and its output.
+            longest = max(len(p.tokens) - (p.prefix.length if cascades and p.prefix is not None else 0) for p in queue)
             plan = plan_slots(
                 self._split, self._max_rows or _DEFAULT_MAX_ROWS, longest, settings.max_new_tokens, self.kv_budget_bytes()
             )
@@ -622,6 +635,7 @@ class BenchEngineLM(TemplateLM):
                 admit_at_least=max(1, plan.slots // 8),
                 on_finish=lambda _index, _tokens: pbar.update(1),
                 lookup=lookup,
+                cascades=cascades,
             )
             for i, new_tokens in found.items():
                 outputs[i] = new_tokens
