@@ -71,16 +71,24 @@ def _attend(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )[0]
-    # As `sdpa_attention_forward` decides it, for more than one query token.
-    q_length = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = attention_mask is None and bool(is_causal)
-    if is_causal and key.shape[2] > q_length:
-        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    is_causal, key, value = _causal_keys(module, query, key, value, attention_mask, is_causal)
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, enable_gqa=True
     )
     return output.transpose(1, 2).contiguous()
+
+
+def _causal_keys(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool | None
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """Whether the kernel runs causal, and the keys and values it runs on, as `sdpa_attention_forward`
+    decides them: causal where no mask is given and more than one query token runs."""
+    q_length = query.shape[2]
+    causal = q_length > 1 and attention_mask is None
+    causal = causal and bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if causal and key.shape[2] > q_length:
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    return causal, key, value
 
 
 def row_groups(first_visible: list[int], call_cost_slots: int) -> list[tuple[int, int, int]]:
@@ -230,11 +238,7 @@ def _cascade(
             f"cascade attention takes boolean masks on the CPU without {unsupported or 'extra options'} "
             f"(device {query.device.type}, mask {None if attention_mask is None else attention_mask.dtype})"
         )
-    causal = False
-    if attention_mask is None:  # as sdpa_attention_forward decides it
-        causal = query.shape[2] > 1 and bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        if causal and key.shape[2] > query.shape[2]:
-            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    causal, key, value = _causal_keys(module, query, key, value, attention_mask, is_causal)
     groups = _padded_rows(query, key, attention_mask, kwargs) if skip_padding else None
     if groups is None:
         out, lse = cascade.attend_with_lse(query, key, value, attention_mask, scaling, causal)

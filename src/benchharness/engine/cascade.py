@@ -59,8 +59,9 @@ class SharedPrefixes:
     positions: torch.Tensor  # [rows, query tokens]
     taken: set[int] = field(default_factory=set)  # layer indices whose attention took the prefixes
 
-    def check_taken(self, layers: int) -> None:
-        missing = sorted(set(range(layers)) - self.taken)
+    def check_taken(self) -> None:
+        """Raise unless every layer (of the prefixes' layers) took the prefixes."""
+        missing = sorted(set(range(len(self.groups[0].layers))) - self.taken)
         if missing:
             raise RuntimeError(
                 f"layers {missing} attended without their rows' shared prefix (their attention did not take the "

@@ -142,7 +142,7 @@ class _Prefill:
         mask = mask.to(device)
         # With `cascades`, the cache holds the rests only and the attention reads the prefix once
         # for all rows (cascade.py); else each row's cache starts with a copy of it.
-        self.prefix = prefix if cascades else None
+        self.cascades = cascades and prefix is not None
         if prefix is not None and not cascades:
             self.cache = kv_slots.cache_from_prefix(split.config, prefix.layers, n)
             mask = torch.cat([mask.new_ones((n, shared)), mask], dim=1)
@@ -175,19 +175,14 @@ class _Prefill:
             kv_slots.hold_window_tokens(self.cache)
             attention_mask = token_masks(self.split, mask, stop - start, kv_slots.sliding_slots(self.cache) + stop - start)
         positions = self.positions[:, start:stop]
-        prefixes = None
-        if self.prefix is not None:
-            prefixes = cascade.SharedPrefixes([cascade.PrefixGroup(self.prefix.layers, None)], positions)
         out = self.split.forward_body(
+            shared_prefixes=cascade.group_rows([p.prefix for p in self.prompts], positions) if self.cascades else None,
             input_ids=self.ids[:, start:stop],
             attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
-            **({} if prefixes is None else {cascade.KWARG: prefixes}),
         ).last_hidden_state
-        if prefixes is not None:
-            prefixes.check_taken(len(prefixes.groups[0].layers))
         if self.windowed:
             kv_slots.keep_window_tokens(self.cache, mask)
         self.done_columns = stop
@@ -479,14 +474,13 @@ def _step(
         position_ids=positions,
         past_key_values=running.cache,
         use_cache=True,
-        **({} if prefixes is None else {cascade.KWARG: prefixes}),
+        shared_prefixes=prefixes,
     ).last_hidden_state
     if split.skips_padding:
         counts.kv_slot_reads += slots_read(first_visible(running.mask), running.slots, *kv_slots.key_value_heads(split.text_config))
     else:
         counts.kv_slot_reads += n * running.slots
     if prefixes is not None:
-        prefixes.check_taken(len(prefixes.groups[0].layers))
         counts.kv_slot_reads += sum(group.length for group in prefixes.groups)  # each read once for its rows
     # With drafts: the model's choice after each token of the step, as a one-token step makes it
     # (after a draft token's predecessor it checks that draft token), all in one pass over the

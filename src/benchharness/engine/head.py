@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from benchharness.engine import cascade
 from benchharness.engine.cpu_kernels import CpuKernels, plan_cpu_kernels
 
 
@@ -62,11 +63,18 @@ class SplitModel:
         """Whether the decoder takes one mask per layer type (a dict) rather than one mask for all layers."""
         return bool(getattr(self.text_config, "layer_types", None))
 
-    def forward_body(self, skip_padding: bool = False, **kwargs: Any) -> Any:
+    def forward_body(self, skip_padding: bool = False, shared_prefixes: cascade.SharedPrefixes | None = None, **kwargs: Any) -> Any:
         """The body's forward (its transformers output), with the engine's CPU kernels swapped in;
-        `skip_padding`: rows attend in groups that skip their left padding where `skips_padding`."""
+        `skip_padding`: rows attend in groups that skip their left padding where `skips_padding`;
+        `shared_prefixes`: rows also attend to their prefixes held once (cascade.py), and every
+        layer must have taken them."""
+        if shared_prefixes is not None:
+            kwargs[cascade.KWARG] = shared_prefixes
         with self.kernels.applied(skip_padding):
-            return self.body(**kwargs)
+            out = self.body(**kwargs)
+        if shared_prefixes is not None:
+            shared_prefixes.check_taken()
+        return out
 
     @property
     def skips_padding(self) -> bool:
