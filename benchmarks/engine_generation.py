@@ -4,7 +4,9 @@ It runs `BenchEngineLM.generate_token_ids` (harness defaults, 64 rows) on a task
 (default `bh_gsm8k_cot`, first `--limit` items; `benchharness prepare` renders them) and prints
 one JSON line: wall seconds, the decode steps' seconds, prompt tokens prefilled (a shared
 prefix once), shared prefixes, decode steps, generated tokens, draft tokens kept / run, and a
-hash of the generated ids (equal hashes: identical outputs). `--engine-arg NAME=VALUE` sets an
+hash of the generated ids (equal hashes: identical outputs), and the run's useful FLOP/s over
+the fp32 matmul peak measured right before and right after it (the highest kernel at either
+moment; the useful FLOPs counted as engine_vs_hf.py counts them). `--engine-arg NAME=VALUE` sets an
 engine argument (`cascade_prefixes=false`: the same engine with each row's own copy of a shared
 prefix), so one checkout compares two settings the same way. The engine is whichever
 `benchharness` Python imports, so two checkouts compare by running this script alternately
@@ -29,10 +31,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from task_requests import generate_requests  # benchmarks/, beside this script
+from engine_vs_hf import UsefulFlops  # benchmarks/, beside this script
+from task_requests import generate_requests
+
 
 import benchharness
 from benchharness.engine import BenchEngineLM
+from benchharness.engine.batching import distinct_prefix_depths
+from benchharness.measure.limits import matmul_kernels, measure_matmul_flops
+
+
+def matmul_peak() -> float:
+    """The highest fp32 matmul FLOP/s of the engine's kernels now."""
+    return max(measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=k).max for k in matmul_kernels("cpu", torch.float32))
 
 
 def main() -> None:
@@ -53,10 +64,15 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     engine_args = dict(item.split("=", 1) for item in args.engine_arg)
     engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64, **engine_args)
+    peak_before = matmul_peak()
     start = time.perf_counter()
     ids = engine.generate_token_ids(requests)
     seconds = time.perf_counter() - start
+    peak = max(peak_before, matmul_peak())
     stats = engine.stats
+    prompts = [engine.tok_encode(request.args[0]) for request in requests]
+    depths = distinct_prefix_depths(p + o[:-1] for p, o in zip(prompts, ids, strict=True))
+    useful, _ = UsefulFlops.of(model).count(depths, sum(len(o) for o in ids))
     print(json.dumps({
         "label": args.label,
         "engine_args": engine_args,
@@ -71,6 +87,9 @@ def main() -> None:
         "kv_slot_reads": stats.kv_slot_reads,
         "generated_tokens": stats.generated_tokens,
         "drafts_kept_run": f"{stats.accepted_drafts}/{stats.draft_tokens}",
+        "useful_gflop": round(useful / 1e9),
+        "peak_gflops": round(peak / 1e9, 1),
+        "useful_of_peak": round(useful / seconds / peak, 3),
         "outputs_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12],
     }), flush=True)
 
