@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # The keyword the engine's attention functions find the prefixes under.
 KWARG = "benchharness_shared_prefixes"
+# Query rows a key/value head's folded block needs before `_flash` folds the heads of a group.
+FOLD_MIN_QUERIES = 4
 
 
 @dataclass
@@ -87,8 +89,26 @@ def cascade_reason(split: SplitModel) -> str:
 
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU flash attention (what SDPA runs on the CPU), with grouped key/value heads as
-    they are: ([rows, heads, queries, dim], log-sum-exp [rows, heads, queries]). `mask`: additive."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    they are: ([rows, heads, queries, dim], log-sum-exp [rows, heads, queries]). `mask`: additive,
+    one for all heads ([rows, 1, queries, keys]) or None.
+
+    The query heads of a key/value head run as one head of `group x queries` query rows: the
+    kernel then reads each key/value block once per key/value head, not once per query head, and
+    a decode step's one query token a row becomes a block of rows (its products a small matrix
+    product, not a vector one). Only where that block has `FOLD_MIN_QUERIES` rows or more (below,
+    the matrix products ran slower than the vector ones: benchmarks/folded_attention.py), and not
+    where the kernel applies a causal rule by query index."""
+    rows, heads, tokens, dim = query.shape
+    kv_heads = int(key.shape[1])
+    group = heads // kv_heads
+    if causal or group == 1 or group * tokens < FOLD_MIN_QUERIES or (mask is not None and mask.shape[1] != 1):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    # Head h is key/value head h // group (transformers' repeat_kv): heads are [kv head, group] in order.
+    folded = query.reshape(rows, kv_heads, group * tokens, dim)
+    if mask is not None and tokens > 1:
+        mask = mask.expand(mask.shape[0], group, tokens, mask.shape[-1]).reshape(mask.shape[0], 1, group * tokens, mask.shape[-1])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, key, value, 0.0, False, attn_mask=mask, scale=scaling)
+    return out.reshape(rows, heads, tokens, dim), lse.reshape(rows, heads, tokens)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
