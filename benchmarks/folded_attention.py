@@ -23,20 +23,7 @@ import torch
 from attention_heads import attention_heads  # benchmarks/, beside this script
 from best_time import best_seconds
 
-from benchharness.engine.cascade import FOLD_MIN_QUERIES
-
-flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def folded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flash kernel on the query heads of each key/value head folded into its query rows."""
-    rows, heads, tokens, dim = query.shape
-    kv_heads = int(key.shape[1])
-    group = heads // kv_heads
-    if mask is not None and tokens > 1:
-        mask = mask.expand(mask.shape[0], group, tokens, mask.shape[-1]).reshape(mask.shape[0], 1, group * tokens, mask.shape[-1])
-    out, lse = flash(query.reshape(rows, kv_heads, group * tokens, dim), key, value, 0.0, False, attn_mask=mask)
-    return out.reshape(rows, heads, tokens, dim), lse.reshape(rows, heads, tokens)
+from benchharness.engine.cascade import FOLD_MIN_QUERIES, _flash
 
 
 def main() -> None:
@@ -77,9 +64,9 @@ def main() -> None:
                 "prefix": (prefix_query, prefix_key, prefix_value, None, rows * tokens),
             }
             for part, (q, k, v, m, queries) in parts.items():
-                as_they_are_s = best_seconds(lambda: flash(q, k, v, 0.0, False, attn_mask=m), args.repeats)  # noqa: B023
-                folded_s = best_seconds(lambda: folded(q, k, v, m), args.repeats)  # noqa: B023
-                same = all(torch.equal(a, b) for a, b in zip(flash(q, k, v, 0.0, False, attn_mask=m)[:2], folded(q, k, v, m), strict=True))
+                as_they_are_s = best_seconds(lambda: _flash(q, k, v, m, None, fold=False), args.repeats)  # noqa: B023
+                folded_s = best_seconds(lambda: _flash(q, k, v, m, None, fold=True), args.repeats)  # noqa: B023
+                same = all(torch.equal(a, b) for a, b in zip(_flash(q, k, v, m, None, fold=False), _flash(q, k, v, m, None, fold=True), strict=True))
                 engine_folds = group > 1 and group * queries >= FOLD_MIN_QUERIES
                 print(
                     f"| {shape} | {part} | {1e3 * as_they_are_s:.2f} | {1e3 * folded_s:.2f} | {as_they_are_s / folded_s:.2f}x "

@@ -87,7 +87,15 @@ def cascade_reason(split: SplitModel) -> str:
     return ""
 
 
-def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    causal: bool = False,
+    fold: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU flash attention (what SDPA runs on the CPU), with grouped key/value heads as
     they are: ([rows, heads, queries, dim], log-sum-exp [rows, heads, queries]). `mask`: additive,
     one for all heads ([rows, 1, queries, keys]) or None.
@@ -97,11 +105,14 @@ def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     a decode step's one query token a row becomes a block of rows (its products a small matrix
     product, not a vector one). Only where that block has `FOLD_MIN_QUERIES` rows or more (below,
     the matrix products ran slower than the vector ones: benchmarks/folded_attention.py), and not
-    where the kernel applies a causal rule by query index."""
+    where the kernel applies a causal rule by query index. `fold`: True or False to fold or not
+    wherever folding can apply (benchmarks/folded_attention.py times both ways)."""
     rows, heads, tokens, dim = query.shape
     kv_heads = int(key.shape[1])
     group = heads // kv_heads
-    if causal or group == 1 or group * tokens < FOLD_MIN_QUERIES or (mask is not None and mask.shape[1] != 1):
+    if fold is None:
+        fold = group * tokens >= FOLD_MIN_QUERIES
+    if not fold or causal or group == 1 or (mask is not None and mask.shape[1] != 1):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
     # Head h is key/value head h // group (transformers' repeat_kv): heads are [kv head, group] in order.
     folded = query.reshape(rows, kv_heads, group * tokens, dim)
