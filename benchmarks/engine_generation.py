@@ -31,19 +31,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from engine_vs_hf import UsefulFlops  # benchmarks/, beside this script
+from engine_vs_hf import UsefulFlops, kernel_peaks  # benchmarks/, beside this script
 from task_requests import generate_requests
-
 
 import benchharness
 from benchharness.engine import BenchEngineLM
-from benchharness.engine.batching import distinct_prefix_depths
-from benchharness.measure.limits import matmul_kernels, measure_matmul_flops
-
-
-def matmul_peak() -> float:
-    """The highest fp32 matmul FLOP/s of the engine's kernels now."""
-    return max(measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=k).max for k in matmul_kernels("cpu", torch.float32))
 
 
 def main() -> None:
@@ -64,15 +56,13 @@ def main() -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     engine_args = dict(item.split("=", 1) for item in args.engine_arg)
     engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64, **engine_args)
-    peak_before = matmul_peak()
+    peak_before = max(kernel_peaks().values())
     start = time.perf_counter()
     ids = engine.generate_token_ids(requests)
     seconds = time.perf_counter() - start
-    peak = max(peak_before, matmul_peak())
+    peak = max(peak_before, *kernel_peaks().values())
     stats = engine.stats
-    prompts = [engine.tok_encode(request.args[0]) for request in requests]
-    depths = distinct_prefix_depths(p + o[:-1] for p, o in zip(prompts, ids, strict=True))
-    useful, _ = UsefulFlops.of(model).count(depths, sum(len(o) for o in ids))
+    useful, _ = UsefulFlops.of(model).of_generations([engine.tok_encode(request.args[0]) for request in requests], ids)
     print(json.dumps({
         "label": args.label,
         "engine_args": engine_args,

@@ -266,6 +266,14 @@ class TokenCounter:
             hook.remove()
 
 
+def kernel_peaks() -> dict[str, float]:
+    """Each fp32 matmul kernel's FLOP/s on the CPU now (the fastest of its timed runs)."""
+    return {
+        kernel: measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=kernel).max
+        for kernel in matmul_kernels("cpu", torch.float32)
+    }
+
+
 @dataclass(frozen=True)
 class UsefulFlops:
     """The FLOPs a set of token sequences minimally needs (see the module's docstring)."""
@@ -284,6 +292,12 @@ class UsefulFlops:
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * int(config.num_hidden_layers)
         windows = tuple(int(config.sliding_window) if kind == "sliding_attention" else None for kind in layer_types)
         return cls(params.body, params.head, 4 * heads * head_dim, windows)
+
+    def of_generations(self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> tuple[float, float]:
+        """(useful FLOPs, attention part) of generating each of `outputs` (token ids) after its prompt:
+        every distinct prefix token once through the body, every output token through the output layer."""
+        depths = distinct_prefix_depths([*p, *o[:-1]] for p, o in zip(prompts, outputs, strict=True))
+        return self.count(depths, sum(len(o) for o in outputs))
 
     def count(self, depths: Sequence[int], output_rows: int) -> tuple[float, float]:
         """(useful FLOPs, the attention part of them) for trie nodes at `depths` (each one token
@@ -429,8 +443,7 @@ def useful_flops(
     if run.generations:
         prompts = [engine.tok_encode(prompt) for prompt, _ in run.generations]
         outputs = [engine.tokenizer(output, add_special_tokens=False)["input_ids"] for _, output in run.generations]
-        depths = distinct_prefix_depths(p + o[:-1] for p, o in zip(prompts, outputs, strict=True))
-        return flops.count(depths, sum(len(o) for o in outputs))
+        return flops.of_generations(prompts, outputs)
     truncated = [truncate_request(r, engine.max_length) for r in run.token_requests]
     depths = distinct_prefix_depths(r.context + r.continuation[:-1] for r in truncated)
     if len(depths) != stats.score_min_tokens:
@@ -523,10 +536,9 @@ def main() -> None:
 
     def measure_peaks() -> dict[str, float]:
         """Each kernel's FLOP/s now (also kept in `peaks`)."""
-        now = {}
-        for kernel, values in peaks.items():
-            now[kernel] = measure_matmul_flops("cpu", torch.float32, min_seconds=0.5, kernel=kernel).max
-            values.append(now[kernel])
+        now = kernel_peaks()
+        for kernel, value in now.items():
+            peaks[kernel].append(value)
         return now
 
     def run_peak() -> float:

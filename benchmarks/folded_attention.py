@@ -8,7 +8,7 @@ and values, and products over a block of rows instead of one query vector. Per s
 model's own head counts: ms per layer of the rows' own part (a decode step: one query token a
 row; a draft step: several) and of the prefix part (every row's queries over one prefix), each
 way (the fastest of `--repeats` timed batches), their ratio, whether the outputs are bit for bit
-the same, and whether `_flash` folds that call (`FOLD_MIN_QUERIES`: the folded block's rows).
+the same, and whether `_flash` folds that call (`cascade.folds_by_default`).
 
     python benchmarks/folded_attention.py --model-dir PATH [--shapes 40x1x300,64x1x200,16x1x500,40x3x300] [--prefix 800] [--threads 2]
 """
@@ -23,7 +23,7 @@ import torch
 from attention_heads import attention_heads  # benchmarks/, beside this script
 from best_time import best_seconds
 
-from benchharness.engine.cascade import FOLD_MIN_QUERIES, _flash
+from benchharness.engine.cascade import _flash, folds_by_default
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
                 as_they_are_s = best_seconds(lambda: _flash(q, k, v, m, None, fold=False), args.repeats)  # noqa: B023
                 folded_s = best_seconds(lambda: _flash(q, k, v, m, None, fold=True), args.repeats)  # noqa: B023
                 same = all(torch.equal(a, b) for a, b in zip(_flash(q, k, v, m, None, fold=False), _flash(q, k, v, m, None, fold=True), strict=True))
-                engine_folds = group > 1 and group * queries >= FOLD_MIN_QUERIES
+                engine_folds = folds_by_default(group, queries)
                 print(
                     f"| {shape} | {part} | {1e3 * as_they_are_s:.2f} | {1e3 * folded_s:.2f} | {as_they_are_s / folded_s:.2f}x "
                     f"| {'yes' if same else 'no'} | {'yes' if engine_folds else 'no'} |",

@@ -122,11 +122,12 @@ def test_gemma2s_softcapped_attention_keeps_its_prefix_copies() -> None:
     assert cascade.cascade_reason(split) != ""
 
 
+@pytest.mark.parametrize("fold", [None, True, False])  # the engine's rule, folded, as they are
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 1), (14, 2), (4, 4)])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_flash_with_grouped_heads_folded_equals_sdpa(heads: int, kv_heads: int, tokens: int) -> None:
+def test_flash_with_grouped_heads_folded_equals_sdpa(heads: int, kv_heads: int, tokens: int, fold: bool | None) -> None:
     # `_flash` runs a key/value head's query heads as one block of rows where the block is big
-    # enough (FOLD_MIN_QUERIES); the outputs and log-sum-exps must be those of each head attending alone.
+    # enough (folds_by_default); the outputs and log-sum-exps must be those of each head attending alone.
     generator = torch.Generator().manual_seed(1)
     rows, slots, dim = 5, 11, 8
     query = torch.randn(rows, heads, tokens, dim, generator=generator)
@@ -134,7 +135,7 @@ def test_flash_with_grouped_heads_folded_equals_sdpa(heads: int, kv_heads: int, 
     values = torch.randn(rows, kv_heads, slots, dim, generator=generator)
     seen = torch.rand(rows, 1, tokens, slots, generator=generator) > 0.4
     seen[..., -1] = True  # every query sees a slot
-    out, lse = cascade._flash(query, keys, values, cascade.additive(seen, query.dtype), None)
+    out, lse = cascade._flash(query, keys, values, cascade.additive(seen, query.dtype), None, fold=fold)
     group = heads // kv_heads
     full_keys, full_values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
     expected = torch.nn.functional.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=seen)

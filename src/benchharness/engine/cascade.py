@@ -87,6 +87,12 @@ def cascade_reason(split: SplitModel) -> str:
     return ""
 
 
+def folds_by_default(group: int, queries: int) -> bool:
+    """Whether `_flash` folds the `group` query heads of a key/value head, `queries` query tokens
+    each, into one block (where the mask and the causal flag allow it)."""
+    return group > 1 and group * queries >= FOLD_MIN_QUERIES
+
+
 def _flash(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -111,7 +117,7 @@ def _flash(
     kv_heads = int(key.shape[1])
     group = heads // kv_heads
     if fold is None:
-        fold = group * tokens >= FOLD_MIN_QUERIES
+        fold = folds_by_default(group, tokens)
     if not fold or causal or group == 1 or (mask is not None and mask.shape[1] != 1):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
     # Head h is key/value head h // group (transformers' repeat_kv): heads are [kv head, group] in order.
