@@ -1,6 +1,6 @@
 """One engine run of a harness generation task, for comparing two versions of the engine.
 
-It runs `BenchEngineLM.generate_token_ids` (harness defaults, 64 rows) on a task's requests
+It runs `BenchEngineLM.generate_token_ids` (harness defaults, 64 rows unless `--engine-arg batch_size=N`) on a task's requests
 (default `bh_gsm8k_cot`, first `--limit` items; `benchharness prepare` renders them) and prints
 one JSON line: wall seconds, the decode steps' seconds, prompt tokens prefilled (a shared
 prefix once), shared prefixes, decode steps, generated tokens, draft tokens kept / run, and a
@@ -18,6 +18,16 @@ second run of a process would find the first's packed weights and warm allocator
         PYTHONPATH=$([ $v = old ] && echo /tmp/old/src || echo src) \\
             python benchmarks/engine_generation.py --model-dir PATH --label $v
     done
+
+An engine from before the package took its present layout (beb29e8, the engine the
+continuous-batching issue measured, has `benchharness/onednn.py` and no `suites` package) runs
+from a copy of this `src` with that commit's engine files laid over it; the counters it does
+not keep print as null:
+
+    mkdir /tmp/hyb && cp -r src/benchharness /tmp/hyb/
+    cp /tmp/old/src/benchharness/engine/*.py /tmp/hyb/benchharness/engine/
+    cp /tmp/old/src/benchharness/onednn.py /tmp/hyb/benchharness/
+    PYTHONPATH=/tmp/hyb:benchmarks python benchmarks/engine_generation.py --model-dir PATH --label old
 """
 
 from __future__ import annotations
@@ -55,13 +65,19 @@ def main() -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     engine_args = dict(item.split("=", 1) for item in args.engine_arg)
-    engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=64, **engine_args)
+    engine = BenchEngineLM(model=model, tokenizer=tokenizer, **{"batch_size": 64, **engine_args})
     peak_before = max(kernel_peaks().values())
     start = time.perf_counter()
     ids = engine.generate_token_ids(requests)
     seconds = time.perf_counter() - start
     peak = max(peak_before, *kernel_peaks().values())
     stats = engine.stats
+
+    def counter(name: str) -> float | None:
+        """One of the engine's counters; None where this engine has none by that name (an older
+        engine, compared against the issue's starting point)."""
+        return getattr(stats, name, None)
+
     useful, _ = UsefulFlops.of(model).of_generations([engine.tok_encode(request.args[0]) for request in requests], ids)
     print(json.dumps({
         "label": args.label,
@@ -70,13 +86,13 @@ def main() -> None:
         "task": args.task,
         "requests": len(requests),
         "seconds": round(seconds, 1),
-        "decode_seconds": round(stats.decode_seconds, 1),
-        "prefill_tokens": stats.prefill_tokens,
-        "prefixes": stats.generate_prefixes,
-        "decode_steps": stats.decode_steps,
-        "kv_slot_reads": stats.kv_slot_reads,
-        "generated_tokens": stats.generated_tokens,
-        "drafts_kept_run": f"{stats.accepted_drafts}/{stats.draft_tokens}",
+        "decode_seconds": None if counter("decode_seconds") is None else round(counter("decode_seconds"), 1),
+        "prefill_tokens": counter("prefill_tokens"),
+        "prefixes": counter("generate_prefixes"),
+        "decode_steps": counter("decode_steps"),
+        "kv_slot_reads": counter("kv_slot_reads"),
+        "generated_tokens": counter("generated_tokens"),
+        "drafts_kept_run": f"{counter('accepted_drafts')}/{counter('draft_tokens')}",
         "useful_gflop": round(useful / 1e9),
         "peak_gflops": round(peak / 1e9, 1),
         "useful_of_peak": round(useful / seconds / peak, 3),
