@@ -78,6 +78,7 @@ def main() -> None:
         engine, compared against the issue's starting point)."""
         return getattr(stats, name, None)
 
+    decode_seconds, kept, drafted = counter("decode_seconds"), counter("accepted_drafts"), counter("draft_tokens")
     useful, _ = UsefulFlops.of(model).of_generations([engine.tok_encode(request.args[0]) for request in requests], ids)
     print(json.dumps({
         "label": args.label,
@@ -86,13 +87,13 @@ def main() -> None:
         "task": args.task,
         "requests": len(requests),
         "seconds": round(seconds, 1),
-        "decode_seconds": None if counter("decode_seconds") is None else round(counter("decode_seconds"), 1),
+        "decode_seconds": None if decode_seconds is None else round(decode_seconds, 1),
         "prefill_tokens": counter("prefill_tokens"),
         "prefixes": counter("generate_prefixes"),
         "decode_steps": counter("decode_steps"),
         "kv_slot_reads": counter("kv_slot_reads"),
         "generated_tokens": counter("generated_tokens"),
-        "drafts_kept_run": f"{counter('accepted_drafts')}/{counter('draft_tokens')}",
+        "drafts_kept_run": None if kept is None or drafted is None else f"{kept}/{drafted}",
         "useful_gflop": round(useful / 1e9),
         "peak_gflops": round(peak / 1e9, 1),
         "useful_of_peak": round(useful / seconds / peak, 3),
