@@ -491,3 +491,41 @@ def test_prompt_lookup_is_off_where_drafts_could_change_outputs():
     assert penalized.stats.draft_steps == 0 and penalized.lookup_plan.reason.startswith("repetition_penalty")
     with pytest.raises(ValueError, match="prompt_lookup_tokens must be a whole number"):
         BenchEngineLM(model=model, tokenizer=tokenizer, prompt_lookup_tokens="four")
+
+
+def test_the_schedule_replay_counts_the_engines_own_steps(monkeypatch):
+    """benchmarks/schedule_replay.py prices other schedules by replaying the continuous loop on a
+    run's outputs; replaying the engine's own schedule must give the engine's own decode steps and
+    prefill tokens: with drafts the model mostly accepts, rows leaving within their drafts, at
+    several slot counts, and with prompts prefilled a few columns at a time."""
+    from pathlib import Path
+
+    from benchharness.engine import continuous
+    from benchharness.engine.prompt_lookup import LookupPlan
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import schedule_replay
+
+    model, tokenizer = _ending_model("qwen2")
+    # More prompts than 16 slots: admissions wait for 16 // 8 free slots, as the replay must.
+    requests = _requests({"until": ["\n\n"], "do_sample": False, "max_gen_toks": MAX_NEW}, n=24)
+    own = BenchEngineLM(model=model, tokenizer=tokenizer, prompt_lookup_tokens=0).generate_token_ids(requests)
+    references = {tuple(tokenizer(r.args[0])["input_ids"]): ids for r, ids in zip(requests, own)}
+    oracle = _oracle_index(references, len(tokenizer), [])
+    monkeypatch.setattr(continuous, "NgramIndex", oracle)
+    monkeypatch.setattr(schedule_replay, "NgramIndex", oracle)
+    roof = schedule_replay.Roofline(body_params=10, head_params=3, body_bytes=40, head_bytes=12, peak=1.0, bandwidth=1.0)
+    seen = set()
+    for slots, chunk in [(1, None), (3, None), (3, 8), (16, None), (64, None)]:
+        engine = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=slots, max_batch_tokens=chunk, lookup_step_tokens=1000)
+        run = schedule_replay.record(engine, requests)
+        assert sorted(tuple(o) for _, o in run["prompts"]) == sorted(map(tuple, own))  # the run's outputs, each once
+        assert engine.stats.accepted_drafts > 0 and run["slots"] == slots
+        prompts = [(p, o) for p, o in run["prompts"]]
+        replayed = schedule_replay.replay(
+            prompts, list(range(len(prompts))), run["slots"], LookupPlan(*run["lookup"]), run["max_new"], run["chunk_tokens"], roof
+        )
+        assert (replayed.steps, replayed.prefill_tokens) == (run["steps"], run["prefill_tokens"]), (slots, chunk)
+        assert replayed.seconds > 0
+        seen.add(run["steps"])
+    assert len(seen) > 1  # the slot counts gave different schedules
