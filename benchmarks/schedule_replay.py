@@ -44,6 +44,9 @@ from benchharness.measure.limits import measure_machine_limits
 
 @dataclass(frozen=True)
 class Roofline:
+    """The least time a pass can take on this machine: its weights read once at the memory
+    bandwidth, or its FLOPs at the matmul peak, whichever is longer."""
+
     body_params: int
     head_params: int
     body_bytes: int
@@ -60,6 +63,8 @@ class Roofline:
 
 @dataclass
 class Replay:
+    """One schedule's counts, and its seconds at the roofline."""
+
     steps: int = 0
     prefill_tokens: int = 0
     seconds: float = 0.0  # at the roofline
