@@ -4,7 +4,8 @@ continuous-batching schedule replayed on the outputs it generated.
 A greedy row's output does not depend on which rows share its steps (`engine/continuous.py`), and
 a row's prompt-lookup draft depends only on its own tokens. So once the engine has run a task, the
 steps any schedule would take are known exactly: this script runs the task once (or loads the
-outputs `--save` wrote), then replays the loop's admission (`continuous._admission`) and drafts
+outputs `--save` wrote), then replays the loop's admission (`continuous._admission`,
+`admission_threshold`), prefill chunks (`prefill_chunk`) and drafts
 (`LookupPlan.draft_length`, `NgramIndex`) for several schedules, counting decode steps, the rows
 and tokens of each, and the prompt tokens prefilled. Replaying the engine's own schedule must give
 the engine's own counts (checked: the script stops if it does not).
@@ -36,7 +37,7 @@ import transformers
 from task_requests import generate_requests  # benchmarks/, beside this script
 
 from benchharness.engine import BenchEngineLM, continuous, lm as engine_lm
-from benchharness.engine.continuous import Prompt, _admission
+from benchharness.engine.continuous import Prompt, _admission, admission_threshold, prefill_chunk
 from benchharness.engine.model_costs import matmul_params
 from benchharness.engine.prompt_lookup import LookupPlan, NgramIndex
 from benchharness.measure.limits import measure_machine_limits
@@ -85,7 +86,7 @@ def replay(
     running: list[dict] = []
     prefill: list[Prompt] = []  # admitted, being prefilled
     chunks: list[int] = []  # the prefill's forwards still to run: columns x rows each
-    admit_at_least = max(1, slots // 8)
+    admit_at_least = admission_threshold(slots)
     logits_ready = False
     while pending or prefill or running:
         free = slots - len(running)
@@ -94,7 +95,7 @@ def replay(
             del pending[: len(prefill)]
             rows, width = len(prefill), max(len(p.tokens) for p in prefill)
             result.prefill_tokens += rows * width
-            chunk = max(1, chunk_tokens // rows) if rows * width > chunk_tokens else width  # as continuous._Prefill
+            chunk = prefill_chunk(rows, width, chunk_tokens)
             chunks = [rows * min(chunk, width - start) for start in range(0, width, chunk)]
         if prefill:
             forward = roof.body(chunks.pop(0))

@@ -154,8 +154,7 @@ class _Prefill:
         self.windowed = windowed and self.before > 0
         self.width = width
         self.done_columns = 0
-        # Columns per chunk: the whole prompt batch when it fits the budget, else equal slices.
-        self.chunk = max(1, chunk_tokens // n) if n * width > chunk_tokens else width
+        self.chunk = prefill_chunk(n, width, chunk_tokens)
         self.hidden: torch.Tensor | None = None
 
     @property
@@ -188,6 +187,18 @@ class _Prefill:
         self.done_columns = stop
         if stop == self.width:
             self.hidden = out[:, -1]
+
+
+def prefill_chunk(rows: int, width: int, chunk_tokens: int) -> int:
+    """Columns per prefill forward of `rows` left-padded rests `width` wide: the whole batch when it
+    fits `chunk_tokens`, else equal slices."""
+    return max(1, chunk_tokens // rows) if rows * width > chunk_tokens else width
+
+
+def admission_threshold(slots: int) -> int:
+    """Free slots to wait for before admitting (`generate`'s `admit_at_least`): an eighth of them,
+    so that prefills are not single short rows."""
+    return max(1, slots // 8)
 
 
 def _rest_length(prompt: Prompt) -> int:

@@ -45,7 +45,7 @@ from benchharness.engine.batching import (
     prefix_groups,
     strip_prefix,
 )
-from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, generate, plan_slots
+from benchharness.engine.continuous import DecodeCounts, Prompt, SlotPlan, admission_threshold, generate, plan_slots
 from benchharness.engine.masks import windows_unmasked
 from benchharness.engine.prompt_lookup import LookupPlan, plan_lookup
 from benchharness.engine.decode_settings import GenerationSettingError, decode_settings, merged_generation_config
@@ -632,7 +632,7 @@ class BenchEngineLM(TemplateLM):
                 pad_token_id=self.tokenizer.pad_token_id or 0,
                 decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
                 chunk_tokens=self.token_budget() or _DEFAULT_PREFILL_CHUNK,
-                admit_at_least=max(1, plan.slots // 8),
+                admit_at_least=admission_threshold(plan.slots),
                 on_finish=lambda _index, _tokens: pbar.update(1),
                 lookup=lookup,
                 cascades=cascades,
