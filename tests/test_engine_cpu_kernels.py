@@ -1,5 +1,5 @@
-"""The engine's fp32 CPU kernels (oneDNN linear layers, fused gated MLPs): same logits as the
-model's own forward, for every MLP class they fuse, and the model left as it was."""
+"""The engine's fp32 CPU kernels (oneDNN linear layers, gated MLPs with their activation in place):
+same logits as the model's own forward, for every MLP class they take, and the model left as it was."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _COMMON = dict(
     initializer_range=0.2,
 )
 
-# One tiny model per architecture whose MLP class the kernels fuse (and its activation).
+# One tiny model per architecture whose MLP class the kernels take (and its activation).
 _CONFIGS = {
     "LlamaMLP": lambda: transformers.LlamaConfig(**_COMMON),
     "MistralMLP": lambda: transformers.MistralConfig(**_COMMON),
@@ -46,7 +46,7 @@ def _model(config: transformers.PretrainedConfig) -> transformers.PreTrainedMode
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
 
 
-def test_every_fused_mlp_class_is_covered_here() -> None:
+def test_every_gated_mlp_class_is_covered_here() -> None:
     assert set(_CONFIGS) == set(_GATED_MLPS)
 
 
@@ -56,10 +56,10 @@ def test_kernels_reproduce_the_models_logits(mlp_class: str) -> None:
     mlps = [m for m in model.modules() if type(m).__name__ == mlp_class]
     assert len(mlps) == 2, f"the config should build {mlp_class}"
     split = split_model(model)  # checks the logits itself too, at the engine's tolerance
-    assert f"fused {mlp_class}(" in split.kernels.description
+    assert f"in-place {mlp_class}(" in split.kernels.description
     swapped = {id(module) for module, _ in split.kernels.swaps}
     assert all(id(m) in swapped for m in mlps)
-    # Every other linear layer goes through oneDNN; the MLPs' own run inside the fused forward.
+    # Every other linear layer goes through oneDNN; the MLPs' own run inside the MLP's forward.
     in_mlps = {id(linear) for m in mlps for linear in (m.gate_proj, m.up_proj, m.down_proj)}
     others = [m for m in model.modules() if type(m) is nn.Linear and id(m) not in in_mlps]
     assert others and all(id(m) in swapped for m in others)
@@ -71,6 +71,39 @@ def test_kernels_reproduce_the_models_logits(mlp_class: str) -> None:
     assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4), float((ours - reference).abs().max())
     # Between calls the model runs its own forwards again.
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("mlp_class", ["Qwen2MLP", "Gemma3MLP"])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_the_mlp_computes_the_modules_own_activation_and_product_bit_for_bit(mlp_class: str, rows: int) -> None:
+    """In place or not, the activation and the product are the module's own: the swapped forward
+    gives exactly `down(act_fn(gate(x)) * up(x))` on the same packed products."""
+    model = _model(_CONFIGS[mlp_class]())
+    kernels = plan_cpu_kernels(model, enabled=True)
+    mlp = next(m for m in model.modules() if type(m).__name__ == mlp_class)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) * 3
+    link = kernels.packs.linear
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    with torch.inference_mode():
+        reference = link(mlp.act_fn(link(x, gate.weight, gate.bias)) * link(x, up.weight, up.bias), down.weight, down.bias)
+        with kernels.applied():
+            ours = mlp(x)
+    with kernels.applied():  # autograd recording, on [batch, tokens, hidden] as in the model: out of place
+        tracked = mlp(x[None].clone().requires_grad_())
+    assert tracked.requires_grad
+    assert torch.equal(ours, reference) and torch.equal(tracked.detach()[0], reference)
+
+
+def test_an_activation_computed_in_python_keeps_the_modules_own_mlp() -> None:
+    from transformers.activations import GELUTanh
+
+    model = _model(_CONFIGS["Gemma3MLP"]())
+    for layer in model.model.layers:
+        layer.mlp.act_fn = GELUTanh(use_gelu_tanh_python=True)
+    kernels = plan_cpu_kernels(model, enabled=True)
+    assert "in-place" not in kernels.description
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert {id(m) for m, _ in kernels.swaps} == {id(m) for m in linears}
 
 
 def test_other_activations_keep_their_mlp_but_get_onednn_linears() -> None:
@@ -170,7 +203,7 @@ def test_engine_scores_agree_with_and_without_the_kernels_and_record_them() -> N
     ]
     fast = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4)
     plain = BenchEngineLM(model=model, tokenizer=tokenizer, batch_size=4, cpu_kernels="false")
-    assert fast.batch_info["cpu_kernels"].startswith("onednn linear; fused Gemma3MLP(gelu); packed weights (")
+    assert fast.batch_info["cpu_kernels"].startswith("onednn linear; in-place Gemma3MLP(gelu); packed weights (")
     assert plain.batch_info["cpu_kernels"] == "torch (cpu_kernels=false)"
     ours, theirs = fast.score_token_requests(requests), plain.score_token_requests(requests)
     for i in ours:
@@ -187,7 +220,7 @@ def test_speed_probe_runs_with_the_configured_engines_kernels() -> None:
     model = _model(transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, **_COMMON))
     ours = probe_kernels(load_experiment(default, Overrides(engine="benchharness")), model)
     reference = probe_kernels(load_experiment(default, Overrides(engine="hf")), model)
-    assert ours.description.startswith("onednn linear; fused Gemma3MLP(gelu); packed weights (") and ours.swaps
+    assert ours.description.startswith("onednn linear; in-place Gemma3MLP(gelu); packed weights (") and ours.swaps
     assert reference.swaps == [] and reference.description == "torch (cpu_kernels=false)"
     # With the run's engine at hand, the probe takes its kernels: the weights are not packed twice.
     engine = BenchEngineLM(model=model, tokenizer=make_tokenizer(), batch_size=4)

@@ -5,8 +5,12 @@ What torch runs for a transformers model on a CPU leaves speed behind in two pla
 - Linear layers go to the BLAS behind `torch.matmul` (MKL in the official wheels), which on
   AMD EPYC reaches 155-200 GFLOP/s on these models' shapes where oneDNN (`benchharness.engine.onednn`)
   reaches 200-228, and a decode step's small products run up to 30% faster.
-- Gated MLPs (`down(act(gate(x)) * up(x))`) run the activation and the product as separate
-  passes over [tokens, intermediate]; oneDNN fuses both into the gate and up products.
+- Gated MLPs (`down(act(gate(x)) * up(x))`) allocate two more [tokens, intermediate] tensors,
+  for the activation's output and the product; the engine applies both in place on the gate
+  product, with the activation's own torch kernel, so the sums are the model's bit for bit.
+  (oneDNN can fuse the activation and the product into the gate and up products as post-ops;
+  on these AMD EPYC machines that ran the MLP 5-17% slower than the plain products at 32 rows
+  and up, and equal below: `benchmarks/gated_mlp.py`.)
 - oneDNN given a plain weight reorders it into its blocked layout at every call, a pass over
   the weight that a decode step's few rows do not amortise. The weights are packed once
   (`onednn.onednn_pack`, a second copy of them in memory, where it fits `pack_budget_bytes`):
@@ -29,6 +33,7 @@ checks once, on a probe, that the logits under these kernels match the model's o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +44,7 @@ from torch import nn
 from transformers.activations import GELUTanh, SiLUActivation
 
 from benchharness.engine.attention import grouped_attention
-from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_linear_times, onednn_pack
+from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_pack
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
@@ -113,27 +118,50 @@ def _linear_forward(module: nn.Linear, packs: PackedWeights) -> Callable[[torch.
     return forward
 
 
-def _mlp_forward(module: nn.Module, activation: str, algorithm: str, packs: PackedWeights) -> Callable[[torch.Tensor], torch.Tensor]:
+def _mlp_forward(module: nn.Module, activate_: Callable[[torch.Tensor], object], packs: PackedWeights) -> Callable[[torch.Tensor], torch.Tensor]:
     own = type(module).forward.__get__(module)
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not _fast(x):
             return own(x)
-        activated = onednn_linear(x, packs.weight_for(gate.weight, x), gate.bias, activation, algorithm)
-        gated = onednn_linear_times(x, activated, packs.weight_for(up.weight, x), up.bias)  # up(x) * activated
-        return packs.linear(gated, down.weight, down.bias)
+        hidden = packs.linear(x, gate.weight, gate.bias)
+        if torch.is_grad_enabled():  # autograd keeps the gate product: no in-place ops on it
+            hidden = module.act_fn(hidden) * packs.linear(x, up.weight, up.bias)
+        else:
+            activate_(hidden)  # in place: act(gate(x)), with the activation module's own kernel
+            hidden.mul_(packs.linear(x, up.weight, up.bias))  # act(gate(x)) * up(x), bit for bit
+        return packs.linear(hidden, down.weight, down.bias)
 
     return forward
 
 
-def _mlp_activation(module: nn.Module) -> tuple[str, str] | None:
-    """oneDNN's name (and algorithm) for the MLP's activation, or None if it has none."""
+def _silu_(x: torch.Tensor) -> object:
+    return nn.functional.silu(x, inplace=True)
+
+
+def _gelu_tanh_(x: torch.Tensor) -> object:
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+def _is_torch_gelu_tanh(function: object) -> bool:
+    return (
+        isinstance(function, functools.partial)
+        and function.func is nn.functional.gelu
+        and not function.args
+        and function.keywords == {"approximate": "tanh"}
+    )
+
+
+def _mlp_activation(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], object]] | None:
+    """The MLP's activation (its name, and an in-place form computing what its module computes), or
+    None if it has none known here. GELUTanh computes in Python where asked (`use_gelu_tanh_python`):
+    only its torch kernel form is taken."""
     act = getattr(module, "act_fn", None)
-    if type(act) is GELUTanh:
-        return "gelu", "tanh"
+    if type(act) is GELUTanh and _is_torch_gelu_tanh(getattr(act, "act", None)):
+        return "gelu", _gelu_tanh_
     if type(act) in (SiLUActivation, nn.SiLU):
-        return "swish", ""
+        return "silu", _silu_
     return None
 
 
@@ -180,8 +208,8 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | N
         return CpuKernels(description=f"torch ({parameter.device.type} {str(parameter.dtype).removeprefix('torch.')})")
     if not onednn_available():
         return CpuKernels(description="torch (this torch build has no oneDNN)")
-    mlps: list[tuple[nn.Module, tuple[str, str]]] = []
-    fused: set[str] = set()
+    mlps: list[tuple[nn.Module, tuple[str, Callable[[torch.Tensor], object]]]] = []
+    in_place: set[str] = set()
     in_mlp: set[int] = set()
     for module in model.modules():
         if "forward" in module.__dict__:
@@ -193,7 +221,7 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | N
         ):
             mlps.append((module, activation))
             in_mlp.update(id(getattr(module, p)) for p in _GATED_MLP_LINEARS)
-            fused.add(f"{name}({activation[0]})")
+            in_place.add(f"{name}({activation[0]})")
     linears = [
         module for module in model.modules()
         if type(module) is nn.Linear and id(module) not in in_mlp and "forward" not in module.__dict__
@@ -209,8 +237,8 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | N
     else:
         packs = PackedWeights()
         packing = f"weights not packed (their copy, {size / 1e9:.2f} GB, exceeds the {budget / 1e9:.2f} GB it may take)"
-    swaps: list[tuple[nn.Module, Callable]] = [(m, _mlp_forward(m, *activation, packs)) for m, activation in mlps]
+    swaps: list[tuple[nn.Module, Callable]] = [(m, _mlp_forward(m, activation[1], packs)) for m, activation in mlps]
     swaps.extend((m, _linear_forward(m, packs)) for m in linears)
-    description = "onednn linear" + (f"; fused {', '.join(sorted(fused))}" if fused else "") + f"; {packing}"
+    description = "onednn linear" + (f"; in-place {', '.join(sorted(in_place))}" if in_place else "") + f"; {packing}"
     description += "; sdpa on grouped key/value heads"
     return CpuKernels(description=description, swaps=swaps, linear=packs.linear, packs=packs, attention=True)

@@ -23,23 +23,9 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str = "none",
-    algorithm: str = "",
-) -> torch.Tensor:
-    """`torch.nn.functional.linear(x, weight, bias)` through oneDNN (float32 CPU tensors), with
-    oneDNN's `activation` fused onto it ("gelu" with algorithm "tanh", "swish", or "none")."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
-
-
-def onednn_linear_times(
-    x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`linear(x, weight, bias) * other` through oneDNN, the product fused onto the linear."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "mul")
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.nn.functional.linear(x, weight, bias)` through oneDNN (float32 CPU tensors)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # The row count oneDNN is told to expect when it picks the packed layout. Any hint from 8 up
