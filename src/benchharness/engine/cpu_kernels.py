@@ -17,6 +17,10 @@ What torch runs for a transformers model on a CPU leaves speed behind in two pla
   (`onednn.onednn_pack`, a second copy of them in memory, where it fits `pack_budget_bytes`):
   on Qwen2.5-0.5B's weights 1.4-2.8x faster products at 2-8 rows, 1.1-1.5x at 16-64, 3-5% at
   prefill sizes (`benchmarks/packed_weights.py`), and bit for bit the same outputs from 2 rows.
+- Even packed, oneDNN reads a weight from memory and then multiplies the rows, one after the
+  other; products of up to `small_rows.MAX_ROWS` rows (decode steps) run on the engine's own
+  small-row kernel (`small_rows.py`), which overlaps the two: a third copy of the weights, made
+  where both copies fit the budget and the kernel builds on this machine.
 - transformers' SDPA attention copies the keys and values of grouped-query models once per query
   head whenever a step runs more than one token a row; `engine/attention.py` hands torch the
   grouped heads as they are, for the same outputs bit for bit.
@@ -46,6 +50,7 @@ from transformers.activations import GELUTanh, SiLUActivation
 
 from benchharness.engine.attention import grouped_attention
 from benchharness.engine.onednn import onednn_available, onednn_linear, onednn_pack
+from benchharness.engine.small_rows import MAX_ROWS, SmallRows, load_small_rows, takes_weight
 
 # MLP classes whose forward is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
 _GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP"})
@@ -71,40 +76,62 @@ class _Pack:
     weight: torch.Tensor  # the tensor packed (identity checked at lookup)
     version: int | None  # its version counter when packed
     packed: torch.Tensor
+    panels: torch.Tensor | None  # the small-row kernel's copy (small_rows.py), where it runs
 
 
 class PackedWeights:
-    """oneDNN-packed copies of linear weights, looked up by the weight tensor itself.
+    """Packed copies of linear weights, looked up by the weight tensor itself: oneDNN's layout,
+    and, with `small_rows`, the small-row kernel's panels (`small_rows.py`) for products of at most
+    `small_rows.MAX_ROWS` rows.
 
     The copies are made once, when the kernels are planned; a weight changed in place later (a
     merged adapter, a test perturbing it) has a new version counter, and is packed again at its
     next use, so a product never runs on stale weights."""
 
-    def __init__(self, weights: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, weights: Iterable[torch.Tensor] = (), small_rows: SmallRows | None = None) -> None:
         self._packs: dict[int, _Pack] = {}
+        self._small = small_rows if small_rows is not None and small_rows.module is not None else None
         for weight in weights:
             self._pack(weight)
 
     def _pack(self, weight: torch.Tensor) -> _Pack:
-        pack = _Pack(weight, _version(weight), onednn_pack(weight))
+        panels = self._small.pack(weight) if self._small is not None and takes_weight(weight) else None
+        pack = _Pack(weight, _version(weight), onednn_pack(weight), panels)
         self._packs[id(weight)] = pack
         return pack
 
     def __len__(self) -> int:
         return len(self._packs)
 
-    def weight_for(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The packed copy of `weight` for a product with `x`, or `weight` itself (not packed here,
-        or a single row)."""
+    @property
+    def small_rows(self) -> int:
+        """Weights the small-row kernel takes."""
+        return sum(p.panels is not None for p in self._packs.values())
+
+    def _current(self, weight: torch.Tensor) -> _Pack | None:
         pack = self._packs.get(id(weight))
-        if pack is None or pack.weight is not weight or x.numel() < _PACKED_MIN_ROWS * x.shape[-1]:
-            return weight
+        if pack is None or pack.weight is not weight:
+            return None
         if _version(weight) != pack.version:
             pack = self._pack(weight)
-        return pack.packed
+        return pack
+
+    def weight_for(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The oneDNN-packed copy of `weight` for a product with `x`, or `weight` itself (not packed
+        here, or a single row)."""
+        if x.numel() < _PACKED_MIN_ROWS * x.shape[-1]:
+            return weight
+        pack = self._current(weight)
+        return weight if pack is None else pack.packed
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`onednn_linear(x, weight, bias)`, on the packed copy of `weight` where there is one."""
+        """`x @ weight.T + bias`: the small-row kernel for up to `MAX_ROWS` rows where it has the
+        weight (it records no autograd graph: not while autograd records), else `onednn_linear` on
+        the packed copy of `weight` where there is one."""
+        if self._small is not None and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled():
+            pack = self._current(weight)
+            if pack is not None and pack.panels is not None:
+                return self._small.linear(x, pack.panels, bias)
         return onednn_linear(x, self.weight_for(weight, x), bias)
 
 
@@ -199,9 +226,23 @@ def default_pack_budget() -> int:
     return int(psutil.virtual_memory().total * 0.25)
 
 
-def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | None = None) -> CpuKernels:
+def _small_rows(wanted: bool, size: int, budget: int) -> tuple[SmallRows | None, str]:
+    """The small-row kernel for weights whose two packed copies take `size` bytes, or why not."""
+    if not wanted:
+        return None, "small_row_kernel=false"
+    if size > budget:
+        return None, f"its copy of the weights would pass the {budget / 1e9:.2f} GB the packed weights may take"
+    kernel = load_small_rows()
+    return kernel, kernel.reason
+
+
+def plan_cpu_kernels(
+    model: nn.Module, enabled: bool, pack_budget_bytes: int | None = None, small_rows: bool = True
+) -> CpuKernels:
     """The swaps for `model` (float32 on the CPU with oneDNN available), else torch's own kernels.
-    The linear weights are packed when their copy fits `pack_budget_bytes` (None: `default_pack_budget()`)."""
+    The linear weights are packed when their copy fits `pack_budget_bytes` (None: `default_pack_budget()`);
+    with `small_rows`, also into the small-row kernel's panels (small_rows.py) where both copies fit
+    and the kernel builds here."""
     parameter = next(model.parameters())
     if not enabled:
         return CpuKernels(description="torch (cpu_kernels=false)")
@@ -233,8 +274,13 @@ def plan_cpu_kernels(model: nn.Module, enabled: bool, pack_budget_bytes: int | N
     size = sum(w.numel() * w.element_size() for w in packable)
     budget = default_pack_budget() if pack_budget_bytes is None else pack_budget_bytes
     if size <= budget:
-        packs = PackedWeights(packable)
+        kernel, small = _small_rows(small_rows, 2 * size, budget)
+        packs = PackedWeights(packable, kernel)
         packing = f"packed weights ({size / 1e9:.2f} GB)"
+        if packs.small_rows:
+            packing += f"; small-row kernel up to {MAX_ROWS} rows ({packs.small_rows} weights, {size / 1e9:.2f} GB more)"
+        else:
+            packing += f"; no small-row kernel ({small or 'no weight has a multiple of 16 outputs'})"
     else:
         packs = PackedWeights()
         packing = f"weights not packed (their copy, {size / 1e9:.2f} GB, exceeds the {budget / 1e9:.2f} GB it may take)"

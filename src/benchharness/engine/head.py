@@ -131,9 +131,9 @@ def sliding_window(text_config: Any) -> int | None:
     return int(text_config.sliding_window)
 
 
-def split_model(model: torch.nn.Module, check: bool = True, cpu_kernels: bool = True) -> SplitModel:
+def split_model(model: torch.nn.Module, check: bool = True, cpu_kernels: bool = True, small_rows: bool = True) -> SplitModel:
     """Split a transformers causal LM, and (by default) check the split, run with the CPU kernels
-    (`cpu_kernels.py`, where they apply), reproduces its logits."""
+    (`cpu_kernels.py`, where they apply; `small_rows`: with the small-row kernel), reproduces its logits."""
     body = getattr(model, "base_model", None)
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is None or body is model or output_layer is None:
@@ -147,7 +147,7 @@ def split_model(model: torch.nn.Module, check: bool = True, cpu_kernels: bool = 
         body=body,
         output_layer=output_layer,
         final_logit_softcapping=float(softcap) if softcap else None,
-        kernels=plan_cpu_kernels(model, enabled=cpu_kernels),
+        kernels=plan_cpu_kernels(model, enabled=cpu_kernels, small_rows=small_rows),
     )
     if check:
         _check_split(split)

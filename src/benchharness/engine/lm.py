@@ -123,6 +123,7 @@ class BenchEngineLM(TemplateLM):
         continuous_batching: bool = True,
         cascade_prefixes: bool | str = True,
         cpu_kernels: bool = True,
+        small_row_kernel: bool | str = True,
         check_model: bool = True,
         kv_cache_bytes: int | None = None,
         prompt_lookup_tokens: int | str = _DEFAULT_LOOKUP_TOKENS,
@@ -146,7 +147,10 @@ class BenchEngineLM(TemplateLM):
         model.eval()
         self._model = model
         self._split: SplitModel = split_model(
-            model, check=check_model, cpu_kernels=_as_bool("cpu_kernels", cpu_kernels)
+            model,
+            check=check_model,
+            cpu_kernels=_as_bool("cpu_kernels", cpu_kernels),
+            small_rows=_as_bool("small_row_kernel", small_row_kernel),
         )
         self.tokenizer = configure_pad_token(tokenizer, model_config=model.config)
         self._max_length = max_length
