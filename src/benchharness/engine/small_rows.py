@@ -3,10 +3,11 @@
 oneDNN's packed kernel (`onednn.py`) pays for a weight's stream from memory and then for the
 rows' FLOPs, one after the other: on Qwen2.5-0.5B's 4864x896 weights (each read cold, 2 threads,
 this AMD EPYC) about 1.9 ms plus 0.06 ms a row. The kernel here streams each weight as panels of
-16 output columns and prefetches the next panel while the rows multiply the current one, so the
-two overlap: 1.6x faster at 1 row, 2.3x at 4, 1.5x at 16, 1.2x at 40, level at 64 and slower
-from about 100 rows on (`benchmarks/small_rows.py`). The engine takes it for products of at most
-`MAX_ROWS` rows and keeps oneDNN for the rest.
+16 output columns and prefetches the next panel while the first rows multiply the current one, so
+the two overlap: on Qwen2.5-Coder-0.5B's shapes 1.2-2.9x faster at 1-16 rows, 1.2-1.5x at 40,
+1.06-1.37x at 64, 0.94-1.37x at 128 (`benchmarks/small_rows.py`). The engine takes it for
+products of at most `MAX_ROWS` rows and keeps oneDNN for the rest (prefills and scoring passes,
+where oneDNN's blocking for large row counts is ahead).
 
 Every output is one fused multiply-add chain over the inputs in order, so a row's result does not
 depend on the other rows of the product (oneDNN's do not either, from 2 rows); it differs from
@@ -32,8 +33,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("small_rows.cpp")
 PANEL = 16  # output columns per packed panel (the kernel's two AVX2 registers)
-# Products of up to this many rows take the kernel: on these CPUs it is level with oneDNN's packed
-# kernel at 64 rows and ahead below (benchmarks/small_rows.py).
+# Products of up to this many rows take the kernel: a decode step's (64 rows by default). It is
+# ahead of oneDNN's packed kernel up to here on these CPUs, not everywhere past (benchmarks/small_rows.py).
 MAX_ROWS = 64
 
 
