@@ -72,7 +72,10 @@ def test_the_engine_takes_it_up_to_max_rows_and_onednn_above(kernel) -> None:
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     kernels = plan_cpu_kernels(model, enabled=True)
     assert f"; small-row kernel up to {MAX_ROWS} rows (" in kernels.description
-    assert kernels.packs.small_rows == sum(type(m) is torch.nn.Linear for m in model.modules())
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert kernels.packs.small_rows == len({id(m.weight) for m in linears})
+    size = 4 * sum(w.numel() for w in {id(m.weight): m.weight for m in linears}.values())
+    assert kernels.packs.panel_bytes == size and f"weights, {size / 1e9:.2f} GB more)" in kernels.description
     head = model.lm_head.weight
     panels = kernel.pack(head)
     with torch.inference_mode():

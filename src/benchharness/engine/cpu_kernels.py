@@ -108,6 +108,11 @@ class PackedWeights:
         """Weights the small-row kernel takes."""
         return sum(p.panels is not None for p in self._packs.values())
 
+    @property
+    def panel_bytes(self) -> int:
+        """Memory the small-row kernel's copies take."""
+        return sum(p.panels.numel() * p.panels.element_size() for p in self._packs.values() if p.panels is not None)
+
     def _current(self, weight: torch.Tensor) -> _Pack | None:
         pack = self._packs.get(id(weight))
         if pack is None or pack.weight is not weight:
@@ -278,7 +283,7 @@ def plan_cpu_kernels(
         packs = PackedWeights(packable, kernel)
         packing = f"packed weights ({size / 1e9:.2f} GB)"
         if packs.small_rows:
-            packing += f"; small-row kernel up to {MAX_ROWS} rows ({packs.small_rows} weights, {size / 1e9:.2f} GB more)"
+            packing += f"; small-row kernel up to {MAX_ROWS} rows ({packs.small_rows} weights, {packs.panel_bytes / 1e9:.2f} GB more)"
         else:
             packing += f"; no small-row kernel ({small or 'no weight has a multiple of 16 outputs'})"
     else:
