@@ -3,22 +3,20 @@ result does not depend on the rows beside it, and where the engine takes it."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import transformers
+from lm_eval.api.instance import Instance
 
 from benchharness.engine import BenchEngineLM
 from benchharness.engine.cpu_kernels import plan_cpu_kernels
 from benchharness.engine.onednn import onednn_available, onednn_linear
-from benchharness.engine.small_rows import MAX_ROWS, load_small_rows, takes_weight
+from benchharness.engine.small_rows import MAX_ROWS, load_small_rows, takes_weight, unbuildable_reason
 from test_engine_support import make_model, make_tokenizer
 
-_BUILDABLE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and bool(shutil.which("c++") or shutil.which("g++"))
 pytestmark = [
     pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN"),
-    pytest.mark.skipif(not _BUILDABLE, reason="no AVX2 CPU or no C++ compiler: the kernel cannot be built here"),
+    pytest.mark.skipif(bool(unbuildable_reason()), reason=f"the kernel cannot be built here: {unbuildable_reason()}"),
 ]
 
 
@@ -95,8 +93,6 @@ def test_engine_generations_agree_with_and_without_it_and_record_it() -> None:
     model = make_model("qwen2", vocab_size=400)
     tokenizer = make_tokenizer()
     prompts = [f"Question {i}: which one is the capital of country {i * 7}?" for i in range(6)]
-    from lm_eval.api.instance import Instance
-
     requests = [
         Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
         for i, p in enumerate(prompts)

@@ -16,7 +16,7 @@ oneDNN's and MKL's sums in the last bits, as theirs differ from each other's.
 The kernel is C++ with AVX2 intrinsics, compiled on first use by torch's extension builder (a
 C++ compiler and ninja are needed) into the harness cache (`$BENCHHARNESS_CACHE/kernels`), and
 loaded from there afterwards. `load_small_rows()` says why it is not available where it is not
-(a CPU without AVX2/FMA, no compiler): the engine then runs oneDNN for every product and its
+(a CPU without AVX2/FMA, no compiler: `unbuildable_reason`): the engine then runs oneDNN for every product and its
 description (in each run's manifest) says so.
 """
 
@@ -75,15 +75,24 @@ def _put_pip_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def unbuildable_reason() -> str:
+    """Why this machine cannot build or run the kernel ('' if it can): a CPU without AVX2, or no
+    C++ compiler where torch's extension builder looks for one ($CXX, else `c++`)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"this CPU's vector capability is {capability}, the kernel needs AVX2 and FMA"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler to build it: `{compiler}` ($CXX, else c++) is not on PATH"
+    return ""
+
+
 def load_small_rows(cache_dir: Path | None = None) -> SmallRows:
     """Build (once per source version, into the harness cache) and load the kernel; where that
     cannot be done here, a `SmallRows` without it, saying why."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        return SmallRows(None, f"this CPU's vector capability is {capability}, the kernel needs AVX2 and FMA")
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        return SmallRows(None, "no C++ compiler (c++ or g++) on PATH to build it")
+    reason = unbuildable_reason()
+    if reason:
+        return SmallRows(None, reason)
     from benchharness.suites.registry import default_cache_dir  # here: the engine need not import the suites
 
     source = SOURCE.read_bytes() + Path(__file__).read_bytes()  # the flags are here
